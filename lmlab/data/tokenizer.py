@@ -1,0 +1,160 @@
+"""Byte-level BPE tokenizers: training on a mixture sample, saving, loading.
+
+Trained tokenizers are saved as a directory holding ``tokenizer.json`` and
+``tokenizer_config.json`` (with the chat template), so
+``transformers.AutoTokenizer.from_pretrained(dir)`` loads them as a
+``PreTrainedTokenizerFast``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Optional
+
+import numpy as np
+
+from lmlab.errors import ConfigError
+
+BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
+ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+SPECIAL_TOKENS = [BOS, EOS, PAD, *ROLE_TOKENS]
+
+
+@dataclass
+class TokenizerTrainConfig:
+    """How to train a byte-level BPE tokenizer on the mixture.
+
+    Args:
+        vocab_size: Final vocabulary size, special tokens included.
+        sample_chars: Characters sampled from the mixture (by source weight)
+            to train on.
+        min_frequency: Minimum pair frequency for a merge.
+    """
+
+    vocab_size: int = 8192
+    sample_chars: int = 20_000_000
+    min_frequency: int = 2
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, out_dir: str | os.PathLike, min_frequency: int = 2):
+    """Train a byte-level BPE on ``texts`` and save it to ``out_dir`` atomically.
+
+    Returns the loaded ``PreTrainedTokenizerFast``.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    if vocab_size < 256 + len(SPECIAL_TOKENS):
+        raise ConfigError(
+            "tokenizer.vocab_size",
+            f"{vocab_size} is below the 256 byte symbols plus {len(SPECIAL_TOKENS)} special tokens",
+            f"use at least {256 + len(SPECIAL_TOKENS)}",
+        )
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return save_tokenizer(tok, out_dir)
+
+
+def save_tokenizer(tok, out_dir: str | os.PathLike):
+    """Wrap a ``tokenizers.Tokenizer`` as ``PreTrainedTokenizerFast`` and save it atomically."""
+    from transformers import PreTrainedTokenizerFast
+
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        additional_special_tokens=ROLE_TOKENS,
+    )
+    try:
+        from lmlab.data.chat import install_chat_template
+
+        install_chat_template(fast)
+    except ImportError:  # pragma: no cover - chat support is part of the package
+        pass
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
+    try:
+        fast.save_pretrained(tmp)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return load_tokenizer(str(out_dir))
+
+
+def load_tokenizer(spec: str, field: str = "data.tokenizer"):
+    """Load a tokenizer from a local directory, a ``tokenizer.json`` file or a hub name."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    path = Path(os.path.expanduser(spec))
+    try:
+        if path.is_file() and path.suffix == ".json":
+            tok = PreTrainedTokenizerFast(tokenizer_file=str(path))
+        elif path.exists():
+            tok = AutoTokenizer.from_pretrained(str(path))
+        elif spec.startswith((".", "/", "~")) or os.sep in spec and not _looks_like_hub_name(spec):
+            raise ConfigError(field, f"tokenizer path {spec!r} does not exist", "train one with `lmlab tokenizer train`")
+        else:
+            tok = AutoTokenizer.from_pretrained(spec)
+    except ConfigError:
+        raise
+    except Exception as e:
+        raise ConfigError(
+            field, f"cannot load tokenizer {spec!r}: {str(e).splitlines()[0]}", "give a local tokenizer directory"
+        ) from None
+    if tok.eos_token_id is None:
+        raise ConfigError(field, f"tokenizer {spec!r} has no EOS token", "add an eos_token to its config")
+    return tok
+
+
+def _looks_like_hub_name(spec: str) -> bool:
+    return spec.count("/") == 1 and not spec.startswith((".", "/", "~"))
+
+
+def token_byte_lengths(tokenizer) -> np.ndarray:
+    """UTF-8 bytes each token id stands for (0 for special tokens).
+
+    Bits per byte divides summed NLL by these, so it compares across
+    tokenizers. For byte-level BPE each symbol of the token string is one byte.
+    """
+    vocab = tokenizer.get_vocab()
+    size = max(len(tokenizer), max(vocab.values()) + 1)
+    out = np.zeros(size, dtype=np.int64)
+    special = set(tokenizer.all_special_ids)
+    byte_level = _is_byte_level(tokenizer)
+    for token, idx in vocab.items():
+        if idx in special:
+            continue
+        if byte_level:
+            out[idx] = len(token)
+        else:
+            out[idx] = len(tokenizer.convert_tokens_to_string([token]).encode("utf-8"))
+    return out
+
+
+def _is_byte_level(tokenizer) -> bool:
+    try:
+        spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    except Exception:
+        return False
+    pre = spec.get("pre_tokenizer") or {}
+    kinds = [pre.get("type")] + [p.get("type") for p in pre.get("pretokenizers", []) or []]
+    return "ByteLevel" in kinds

@@ -1,0 +1,95 @@
+"""Parameter and FLOP counts: the one definition every part of lmlab uses.
+
+Parameter counts are exact (they equal ``sum(p.numel())`` over the unique
+parameters of the built model). ``non_embedding`` is Kaplan et al.'s N: every
+parameter except the vocabulary matrices (token embedding, untied output
+projection) and learned position embeddings. FLOP counts use
+``non_embedding + d_model * vocab`` because the unembedding is a matmul that
+costs compute every token even when it is tied to the embedding.
+
+Training FLOPs per token follow three named conventions:
+
+- ``"6n"``: C = 6 N D with N the matmul parameters (:func:`matmul_params`), attention ignored (Kaplan
+  et al. 2020's simplification; GPT-3's 3,640 PF-days for 175B use it).
+- ``"kaplan"``: 6 N + 6 * n_layers * seq_len * d_attn (Kaplan et al. 2020,
+  Table 1: forward 2 N + 2 n_layer n_ctx d_attn, backward twice the forward).
+- ``"palm"`` (default): 6 N + 12 * n_layers * n_heads * head_dim * seq_len
+  (Chowdhery et al. 2022, Appendix B), the convention behind MFU numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from lmlab.models.config import TransformerConfig
+
+FlopConvention = Literal["6n", "kaplan", "palm"]
+PF_DAY = 1e15 * 86400
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    total: int
+    non_embedding: int
+    embedding: int
+    per_block: int
+
+
+def _norm_params(config: TransformerConfig, dim: int) -> int:
+    if config.norm_type == "layernorm" and config.bias:
+        return 2 * dim
+    return dim
+
+
+def count_params(config: TransformerConfig) -> ParamCounts:
+    """Exact parameter counts of :class:`~lmlab.models.heads.CausalLM` for ``config``."""
+    d, b = config.d_model, int(config.bias)
+    hd = config.head_dim
+    qkv_out = (config.n_heads + 2 * config.kv_heads) * hd
+    attn = d * qkv_out + b * qkv_out + config.n_heads * hd * d + b * d
+    if config.qk_norm:
+        attn += 2 * hd
+    h = config.hidden_dim
+    fc_out = 2 * h if config.ffn_type == "swiglu" else h
+    mlp = d * fc_out + b * fc_out + h * d + b * d
+    block = attn + mlp + 2 * _norm_params(config, d)
+    V = config.padded_vocab_size
+    tok = V * d
+    pos = config.max_seq_len * d if config.position == "learned" else 0
+    head = 0 if config.tie_embeddings else V * d
+    final_norm = _norm_params(config, d)
+    total = tok + pos + config.n_layers * block + final_norm + head
+    non_embedding = config.n_layers * block + final_norm
+    return ParamCounts(total=total, non_embedding=non_embedding, embedding=total - non_embedding, per_block=block)
+
+
+def matmul_params(config: TransformerConfig) -> int:
+    """Parameters that take part in a matmul per token: N plus the unembedding."""
+    return count_params(config).non_embedding + config.padded_vocab_size * config.d_model
+
+
+def flops_per_token(config: TransformerConfig, seq_len: int | None = None, convention: FlopConvention = "palm") -> float:
+    """Training (forward + backward) FLOPs per token under ``convention``."""
+    T = seq_len or config.max_seq_len
+    base = 6.0 * matmul_params(config)
+    d_attn = config.n_heads * config.head_dim
+    if convention == "6n":
+        return base
+    if convention == "kaplan":
+        return base + 6.0 * config.n_layers * T * d_attn
+    if convention == "palm":
+        return base + 12.0 * config.n_layers * T * d_attn
+    raise ValueError(f"unknown FLOP convention {convention!r}; use '6n', 'kaplan' or 'palm'")
+
+
+def training_flops(
+    config: TransformerConfig, tokens: float, seq_len: int | None = None, convention: FlopConvention = "palm"
+) -> float:
+    """Total training FLOPs for ``tokens`` tokens."""
+    return flops_per_token(config, seq_len, convention) * float(tokens)
+
+
+def pf_days(flops: float) -> float:
+    """Petaflop/s-days: FLOPs / (1e15 * 86400)."""
+    return flops / PF_DAY

@@ -1,0 +1,195 @@
+"""Optimizer and learning-rate schedule code shared by every training stage.
+
+Schedules are pure functions of the optimizer step ``t`` (counted from 1 for
+the first update) returning a multiplier of the peak learning rate:
+
+- ``inverse_sqrt``: min(t / t_warmup, sqrt(t_warmup / t)) (Vaswani et al. 2017).
+- ``cosine``: linear warmup to 1, then cosine decay to ``min_lr_ratio`` at
+  ``total_steps`` (held there afterwards).
+- ``wsd``: warmup-stable-decay: linear warmup, constant, then decay to
+  ``min_lr_ratio`` over the last ``decay_fraction`` of ``total_steps``.
+- ``constant``: linear warmup, then 1.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import torch
+from torch import nn
+
+from lmlab.errors import ConfigError
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW (or SGD) settings.
+
+    Args:
+        name: ``adamw`` or ``sgd``.
+        lr: Peak learning rate.
+        betas: Adam betas.
+        eps: Adam epsilon.
+        weight_decay: Decoupled weight decay, applied to weight matrices only.
+        decay_embeddings: Also decay embedding tables.
+        decay_norms_and_biases: Also decay norm gains and biases.
+        fused: Use the fused kernel (default: on CUDA), else foreach.
+        momentum: SGD momentum.
+    """
+
+    name: Literal["adamw", "sgd"] = "adamw"
+    lr: float = 3e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    decay_embeddings: bool = False
+    decay_norms_and_biases: bool = False
+    fused: Optional[bool] = None
+    momentum: float = 0.9
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning-rate schedule.
+
+    Args:
+        name: ``cosine``, ``wsd``, ``inverse_sqrt`` or ``constant``.
+        warmup_steps: Linear warmup length in optimizer steps.
+        total_steps: Length of the schedule; default ``trainer.max_steps``.
+        min_lr_ratio: Final LR as a fraction of the peak (cosine and WSD);
+            0.1 is the Chinchilla convention.
+        decay_fraction: Share of ``total_steps`` spent decaying in WSD.
+        decay_shape: WSD decay curve: ``linear``, ``cosine`` or ``sqrt`` (1 - sqrt).
+    """
+
+    name: Literal["cosine", "wsd", "inverse_sqrt", "constant"] = "cosine"
+    warmup_steps: int = 100
+    total_steps: Optional[int] = None
+    min_lr_ratio: float = 0.1
+    decay_fraction: float = 0.2
+    decay_shape: Literal["linear", "cosine", "sqrt"] = "linear"
+
+
+def inverse_sqrt(t: int, warmup: int) -> float:
+    t = max(t, 1)
+    w = max(warmup, 1)
+    return min(t / w, math.sqrt(w / t))
+
+
+def warmup_cosine(t: int, warmup: int, total: int, min_ratio: float) -> float:
+    if warmup > 0 and t <= warmup:
+        return t / warmup
+    if t >= total:
+        return min_ratio
+    progress = (t - warmup) / max(1, total - warmup)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def warmup_stable_decay(
+    t: int, warmup: int, total: int, min_ratio: float, decay_fraction: float, shape: str = "linear"
+) -> float:
+    if warmup > 0 and t <= warmup:
+        return t / warmup
+    decay_steps = max(1, int(round(decay_fraction * total)))
+    decay_start = total - decay_steps
+    if t <= decay_start:
+        return 1.0
+    if t >= total:
+        return min_ratio
+    p = (t - decay_start) / decay_steps
+    if shape == "cosine":
+        frac = 0.5 * (1.0 + math.cos(math.pi * p))
+    elif shape == "sqrt":
+        frac = 1.0 - math.sqrt(p)
+    else:
+        frac = 1.0 - p
+    return min_ratio + (1.0 - min_ratio) * frac
+
+
+def constant_with_warmup(t: int, warmup: int) -> float:
+    if warmup > 0 and t <= warmup:
+        return t / warmup
+    return 1.0
+
+
+@dataclass
+class LRLambda:
+    """Picklable schedule multiplier for ``LambdaLR`` (its state is plain numbers).
+
+    ``LambdaLR`` calls it with the number of completed steps; the schedule
+    functions count the upcoming update from 1.
+    """
+
+    name: str
+    warmup: int
+    total: int
+    min_ratio: float
+    decay_fraction: float
+    shape: str
+
+    def __call__(self, completed: int) -> float:
+        t = completed + 1
+        if self.name == "inverse_sqrt":
+            return inverse_sqrt(t, self.warmup)
+        if self.name == "cosine":
+            return warmup_cosine(t, self.warmup, self.total, self.min_ratio)
+        if self.name == "wsd":
+            return warmup_stable_decay(t, self.warmup, self.total, self.min_ratio, self.decay_fraction, self.shape)
+        if self.name == "constant":
+            return constant_with_warmup(t, self.warmup)
+        raise ConfigError("model.schedule.name", f"unknown schedule {self.name!r}", "use cosine, wsd, inverse_sqrt or constant")
+
+
+def make_lr_lambda(cfg: ScheduleConfig, max_steps: Optional[int]) -> LRLambda:
+    total = cfg.total_steps or max_steps
+    if cfg.name in ("cosine", "wsd") and (total is None or total <= 0):
+        raise ConfigError(
+            "model.schedule.total_steps", f"the {cfg.name} schedule needs a length", "set trainer.max_steps or schedule.total_steps"
+        )
+    if cfg.warmup_steps < 0:
+        raise ConfigError("model.schedule.warmup_steps", f"must be >= 0, got {cfg.warmup_steps}")
+    return LRLambda(cfg.name, cfg.warmup_steps, int(total or 0), cfg.min_lr_ratio, cfg.decay_fraction, cfg.decay_shape)
+
+
+def param_groups(model: nn.Module, cfg: OptimizerConfig) -> list[dict]:
+    """Split parameters into weight-decayed matrices and the rest."""
+    embedding_params = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    decay, no_decay, seen = [], [], set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        if id(p) in embedding_params:
+            (decay if cfg.decay_embeddings else no_decay).append(p)
+        elif p.ndim >= 2:
+            decay.append(p)
+        else:
+            (decay if cfg.decay_norms_and_biases else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg)
+    if cfg.lr <= 0:
+        raise ConfigError("model.optimizer.lr", f"must be positive, got {cfg.lr}")
+    if cfg.name == "adamw":
+        on_cuda = any(p.is_cuda for g in groups for p in g["params"])
+        fused = on_cuda if cfg.fused is None else cfg.fused
+        kwargs = {"fused": True} if fused else {"foreach": True}
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, **kwargs)
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    raise ConfigError("model.optimizer.name", f"unknown optimizer {cfg.name!r}", "use adamw or sgd")
+
+
+def clip_by_global_norm(parameters, max_norm: float) -> torch.Tensor:
+    """g <- g * min(1, max_norm / ||g||); returns the norm before clipping."""
+    params = [p for p in parameters if p.grad is not None]
+    if not params:
+        return torch.tensor(0.0)
+    if max_norm is None or max_norm <= 0:
+        return torch.nn.utils.get_total_norm([p.grad for p in params])
+    return torch.nn.utils.clip_grad_norm_(params, max_norm)

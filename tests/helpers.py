@@ -1,0 +1,54 @@
+"""Small builders shared by the training tests."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import lightning.pytorch as pl
+
+WORDS = (
+    "the cat sat on a mat while the dog ran in the park and a bird sang over the old tree "
+    "near quiet water where fish swim slowly under bright morning light"
+).split()
+
+
+def write_corpus(root: Path, seed: int = 0) -> Path:
+    """Three small sources with learnable structure (repeated phrases)."""
+    rng = random.Random(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    phrases = [" ".join(rng.choice(WORDS) for _ in range(6)) for _ in range(30)]
+    with open(root / "web.jsonl", "w") as f:
+        for _ in range(200):
+            f.write(json.dumps({"text": " ".join(rng.choice(phrases) for _ in range(12)) + "."}) + "\n")
+    (root / "books").mkdir(exist_ok=True)
+    for i in range(2):
+        (root / "books" / f"b{i}.txt").write_text("\n".join(" ".join(rng.choice(phrases) for _ in range(5)) for _ in range(300)))
+    with open(root / "code.jsonl", "w") as f:
+        for i in range(100):
+            f.write(json.dumps({"text": f"def add_{i % 7}(a, b):\n    return a + b + {i % 7}\n"}) + "\n")
+    return root
+
+
+def corpus_sources(root: Path) -> list:
+    from lmlab.data import SourceConfig
+
+    return [
+        SourceConfig("web", weight=0.6, path=str(root / "web.jsonl")),
+        SourceConfig("books", weight=0.3, path=str(root / "books")),
+        SourceConfig("code", weight=0.1, path=str(root / "code.jsonl")),
+    ]
+
+
+class LossRecorder(pl.Callback):
+    """Per-step training losses, and optional stop after a given step."""
+
+    def __init__(self, stop_at: int | None = None):
+        self.losses: dict[int, float] = {}
+        self.stop_at = stop_at
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses[int(batch["step"])] = float(outputs["loss"])
+        if self.stop_at is not None and trainer.global_step >= self.stop_at:
+            trainer.should_stop = True
