@@ -44,6 +44,16 @@ def _lightning_cli_class():
 
             parser.add_class_arguments(ComputeBudget, "budget")
 
+        def instantiate_classes(self) -> None:
+            try:
+                super().instantiate_classes()
+            except Exception as e:
+                # jsonargparse wraps errors raised while building classes; surface ours as one line
+                found = _find_config_error(e)
+                if found is not None:
+                    raise found from None
+                raise
+
         def before_instantiate_classes(self) -> None:
             from lmlab.budget import apply_budget
 
@@ -52,6 +62,16 @@ def _lightning_cli_class():
                 apply_budget(cfg)
 
     return LMLabCLI
+
+
+def _find_config_error(exc: BaseException) -> Optional[ConfigError]:
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, ConfigError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def run_lightning(args: Optional[list[str]] = None):

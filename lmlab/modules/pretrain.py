@@ -140,6 +140,9 @@ class PretrainModule(LMModuleBase):
             raise FloatingPointError(f"non-finite training loss at step {self.global_step}; lower the learning rate")
         self.optimizer_update()
         loss = loss_sum / n_total
+        if self.trainer.world_size > 1:
+            # every rank holds an equal share of the global batch: the mean of means is the global mean
+            loss = self.trainer.strategy.reduce(loss, reduce_op="mean")
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, sync_dist=False)
         self.log_dict(
             {

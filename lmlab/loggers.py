@@ -1,0 +1,56 @@
+"""Experiment loggers.
+
+:class:`WandbLogger` is Lightning's W&B logger that goes offline by itself when
+there is no way to reach a server (no API key, or ``WANDB_MODE=offline``), so
+the same YAML runs on a laptop, in CI and on a cluster. Offline runs are
+written under ``save_dir/wandb`` and uploaded later with ``wandb sync``.
+"""
+
+from __future__ import annotations
+
+import netrc
+import os
+from typing import Any, Optional
+
+from lightning.pytorch.loggers import WandbLogger as _LightningWandbLogger
+from lightning.pytorch.utilities import rank_zero_info
+
+
+def wandb_credentials_available() -> bool:
+    """True when an API key is set in the environment or in ~/.netrc."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        rc = netrc.netrc()
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+    host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].split("/")[0]
+    return rc.authenticators(host) is not None
+
+
+class WandbLogger(_LightningWandbLogger):
+    """W&B logger that is offline automatically when no server can be used.
+
+    Args:
+        offline: ``None`` decides from the environment: offline when
+            ``WANDB_MODE`` is ``offline``/``disabled`` or no API key is found.
+        **kwargs: Everything Lightning's ``WandbLogger`` takes (project, name,
+            group, tags, save_dir, log_model, ...).
+    """
+
+    def __init__(self, offline: Optional[bool] = None, save_dir: str = "runs", **kwargs: Any):
+        mode = os.environ.get("WANDB_MODE", "").lower()
+        if offline is None:
+            offline = mode in ("offline", "dryrun", "disabled") or not wandb_credentials_available()
+        if offline:
+            os.environ.setdefault("WANDB_MODE", "offline")
+        os.makedirs(save_dir, exist_ok=True)
+        super().__init__(offline=offline, save_dir=save_dir, **kwargs)
+        self._lmlab_offline = offline
+
+    def finalize(self, status: str) -> None:
+        super().finalize(status)
+        if self._lmlab_offline and self._experiment is not None:
+            run_dir = getattr(self._experiment, "dir", None)
+            if run_dir:
+                rank_zero_info(f"W&B ran offline; upload with: wandb sync {os.path.dirname(run_dir)}")
