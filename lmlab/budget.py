@@ -45,21 +45,12 @@ def chinchilla_optimal(compute: float, tokens_per_param: float = 20.0) -> tuple[
 def shape_for_params(n_params: float, head_dim: int = 64) -> dict:
     """A (n_layers, d_model, n_heads) whose 12 * L * d^2 is close to ``n_params``.
 
-    Uses the aspect ratio d_model ~ 64 * L (from Kaplan et al.'s flat optimum
-    over d_model / n_layers ~ 20-200), so L = (n / (12 * 64^2))^(1/3), with
-    d_model rounded to a multiple of ``head_dim``.
+    Delegates to the scaling size ladder (:func:`lmlab.scaling.plan.shape_for_params`).
     """
-    try:
-        from lmlab.scaling.plan import shape_for_params as ladder  # the scaling ladder, when present
+    from lmlab.scaling.plan import shape_for_params as ladder
 
-        shape = ladder(n_params)
-        if isinstance(shape, dict) and {"n_layers", "d_model", "n_heads"} <= set(shape):
-            return {k: int(shape[k]) for k in ("n_layers", "d_model", "n_heads")}
-    except (ImportError, TypeError):
-        pass
-    n_layers = max(1, round((n_params / (12 * 64**2)) ** (1 / 3)))
-    d_model = max(head_dim, round(math.sqrt(n_params / (12 * n_layers)) / head_dim) * head_dim)
-    return {"n_layers": int(n_layers), "d_model": int(d_model), "n_heads": int(d_model // head_dim)}
+    shape = ladder(n_params, head_dim=head_dim)
+    return {"n_layers": int(shape.n_layers), "d_model": int(shape.d_model), "n_heads": int(shape.n_heads)}
 
 
 def apply_budget(cfg) -> None:

@@ -1,0 +1,268 @@
+"""``lmlab scaling``: fit scaling laws to a results CSV and plan compute-optimal runs.
+
+    lmlab scaling fit runs.csv [--method approach3|approach1|approach2|kaplan] [--json] [--plot out.png]
+    lmlab scaling plan --compute 1e21 [--accelerators 8 --peak-flops 989e12 --mfu 0.4] [--write-config out.yaml]
+
+Bad input exits with status 2 and one line: ``lmlab scaling: <field>: <problem> (<fix>)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, NoReturn
+
+import yaml
+
+from lmlab.errors import ConfigError
+from lmlab.scaling.bootstrap import check_level
+from lmlab.scaling.chinchilla import bootstrap_allocation, fit_approach1, fit_approach2
+from lmlab.scaling.kaplan import bootstrap_kaplan, fit_kaplan
+from lmlab.scaling.law import EPOCH_2024, HOFFMANN_2022, ChinchillaLaw
+from lmlab.scaling.parametric import GRID_4500, GRID_5400, bootstrap_approach3, fit_approach3, with_bootstrap
+from lmlab.scaling.plan import H100_PEAK_FLOPS, chinchilla_rule, plan_compute, shape_for_params, training_steps
+from lmlab.scaling.results import load_results
+
+PROG = "lmlab scaling"
+LAWS = {"epoch2024": EPOCH_2024, "hoffmann2022": HOFFMANN_2022}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports usage mistakes as a ConfigError (one line) instead of printing usage."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError("arguments", message, f"see {PROG} --help")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="Fit scaling laws and plan compute-optimal training runs.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    fit = sub.add_parser("fit", help="fit a scaling law to a results CSV")
+    fit.add_argument("file", help="CSV with one row per training run")
+    fit.add_argument("--method", choices=["approach3", "approach1", "approach2", "kaplan"], default="approach3")
+    fit.add_argument("--n-col", default="N", help="parameter-count column (default N)")
+    fit.add_argument("--d-col", default="D", help="token-count column (default D; derived as C/(6N) if absent)")
+    fit.add_argument("--loss-col", default="loss", help="final-loss column (default loss)")
+    fit.add_argument("--compute-col", default=None, help="training-FLOPs column (default: C = 6ND)")
+    fit.add_argument("--budget-col", default=None, help="IsoFLOP budget label column (approach2)")
+    fit.add_argument("--duplicates", choices=["first", "min"], default="first", help="which duplicate (N, D) run to keep")
+    fit.add_argument("--bootstrap", type=int, default=0, metavar="B", help="bootstrap resamples for intervals")
+    fit.add_argument("--level", type=float, default=0.95, help="confidence level of the intervals (default 0.95)")
+    fit.add_argument("--seed", type=int, default=0, help="bootstrap random seed")
+    fit.add_argument("--grid", choices=["5400", "4500"], default="5400", help="approach3 start grid")
+    fit.add_argument("--bins", type=int, default=20, help="approach1 compute bins")
+    fit.add_argument("--window", type=float, default=None, help="approach2: fit within this many decades of each budget's best N")
+    fit.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    fit.add_argument("--plot", default=None, metavar="PNG", help="write a plot of the fit")
+
+    plan = sub.add_parser("plan", help="compute-optimal model size, tokens and wall time for a FLOP budget")
+    plan.add_argument("--compute", type=float, required=True, help="training FLOPs")
+    plan.add_argument("--law", choices=sorted(LAWS), default="epoch2024", help="published approach-3 fit to use")
+    plan.add_argument("--fit-json", default=None, metavar="FILE", help="use E, A, B, alpha, beta from `fit --json` output")
+    plan.add_argument("--accelerators", type=int, default=1)
+    plan.add_argument("--peak-flops", type=float, default=H100_PEAK_FLOPS, help="peak FLOP/s per accelerator")
+    plan.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation")
+    plan.add_argument("--batch-tokens", type=float, default=524288, help="tokens per optimizer step (default 0.5M)")
+    plan.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    plan.add_argument("--write-config", default=None, metavar="YAML", help="write model.config and trainer.max_steps")
+    return parser
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe copy: numpy scalars to Python, NaN/inf to None (strict JSON has no NaN)."""
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _print_json(obj: dict[str, Any]) -> None:
+    print(json.dumps(_clean(obj), allow_nan=False))
+
+
+def _print_table(title: str, rows: list[tuple[str, float]], intervals: dict | None, level: float) -> None:
+    print(title)
+    head = f"  {'parameter':<12}{'value':>14}"
+    if intervals:
+        head += f"   {f'{level:.0%} interval':>28}"
+    print(head)
+    for name, value in rows:
+        line = f"  {name:<12}{value:>14.6g}"
+        if intervals and name in intervals:
+            lo, hi = intervals[name]
+            line += f"   {f'[{lo:.6g}, {hi:.6g}]':>28}"
+        print(line)
+
+
+def _run_fit(args: argparse.Namespace) -> int:
+    if args.bootstrap:
+        check_level(args.level)
+    data = load_results(
+        args.file,
+        n_col=args.n_col,
+        d_col=args.d_col,
+        loss_col=args.loss_col,
+        compute_col=args.compute_col,
+        budget_col=args.budget_col,
+        duplicates=args.duplicates,
+    )
+    if args.plot:
+        from lmlab.scaling import plots  # matplotlib is slow to import; only pay for it when plotting
+
+    if args.method == "approach3":
+        fit = fit_approach3(data, grid=GRID_5400 if args.grid == "5400" else GRID_4500)
+        if args.bootstrap:
+            fit = with_bootstrap(fit, bootstrap_approach3(fit, n_resamples=args.bootstrap, seed=args.seed), args.level)
+        rows = [(k, v) for k, v in fit.law.as_dict().items()]
+        footer = (
+            f"  objective {fit.objective:.7e}, max |grad| {fit.grad_max:.1e} "
+            f"({'converged' if fit.converged else 'NOT converged: ' + fit.message}), {fit.seconds:.1f} s"
+        )
+        title = f"approach 3 (L = E + A/N^alpha + B/D^beta) on {data.source}: {data.n_points} points, {fit.n_starts} starts"
+        plot = lambda path: plots.plot_loss_vs_compute(data, fit, path)  # noqa: E731
+    elif args.method in ("approach1", "approach2"):
+        if args.method == "approach1":
+            fit = fit_approach1(data, n_bins=args.bins)
+        else:
+            fit = fit_approach2(data, window=args.window)
+        if args.bootstrap:
+            fit = bootstrap_allocation(fit, n_resamples=args.bootstrap, seed=args.seed, level=args.level)
+        rows = [("a", fit.a), ("b", fit.b), ("N_coef", fit.n_law.coef), ("D_coef", fit.d_law.coef)]
+        footer = f"  {fit.C.size} compute-optimal points, R^2 {fit.n_law.r2:.4f} (N_opt) {fit.d_law.r2:.4f} (D_opt)"
+        title = f"{args.method} (N_opt ~ C^a, D_opt ~ C^b) on {data.source}: {data.n_points} points"
+        plot = (lambda path: plots.plot_isoflops(fit, path)) if args.method == "approach2" else (lambda path: plots.plot_optimal_allocation(fit, path))
+    else:
+        fit = fit_kaplan(data)
+        if args.bootstrap:
+            fit = bootstrap_kaplan(fit, n_resamples=args.bootstrap, seed=args.seed, level=args.level)
+        rows = [("alpha_N", fit.alpha_N), ("N_c", fit.N_c), ("alpha_D", fit.alpha_D), ("D_c", fit.D_c)]
+        footer = f"  L(N) on {fit.n_rows.size} runs (R^2 {fit.n_law.r2:.4f}), L(D) on {fit.d_rows.size} runs (R^2 {fit.d_law.r2:.4f})"
+        title = f"kaplan (L(N) = (N_c/N)^alpha_N, L(D) = (D_c/D)^alpha_D) on {data.source}: {data.n_points} points"
+        plot = lambda path: plots.plot_kaplan(fit, path)  # noqa: E731
+
+    if args.plot:
+        try:
+            plot(args.plot)
+        except OSError as exc:
+            raise ConfigError("--plot", f"cannot write {args.plot}: {exc.strerror}", "pass a writable path") from None
+    if args.json:
+        out = fit.to_dict()
+        out["excluded"] = [{"row": e.row, "reason": e.reason} for e in data.excluded]
+        if args.plot:
+            out["plot"] = str(args.plot)
+        _print_json(out)
+        return 0
+    _print_table(title, rows, fit.intervals, fit.level)
+    print(footer)
+    if data.excluded:
+        print(f"  excluded {len(data.excluded)} row(s): " + "; ".join(f"row {e.row}: {e.reason}" for e in data.excluded[:5]))
+    if args.plot:
+        print(f"  plot: {args.plot}")
+    return 0
+
+
+def _law_from_json(path: str) -> ChinchillaLaw:
+    try:
+        obj = json.loads(Path(path).read_text())
+        return ChinchillaLaw(**{k: float(obj[k]) for k in ("E", "A", "B", "alpha", "beta")})
+    except FileNotFoundError:
+        raise ConfigError("--fit-json", f"{path} not found", "pass the file written by `lmlab scaling fit --json`") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ConfigError("--fit-json", f"{path} has no approach-3 fit ({exc})", "use `fit --method approach3 --json` output") from None
+
+
+def _write_yaml_atomic(path: Path, text: str) -> None:
+    """Write via a temp file in the same directory and rename, so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _run_plan(args: argparse.Namespace) -> int:
+    law = _law_from_json(args.fit_json) if args.fit_json else LAWS[args.law]
+    plan = plan_compute(args.compute, law, accelerators=args.accelerators, peak_flops=args.peak_flops, mfu=args.mfu)
+    rule_n, rule_d = chinchilla_rule(args.compute)
+    # The ladder counts non-embedding parameters; N_opt (Chinchilla) includes embeddings, which is a
+    # small fraction for models where planning matters, so N_opt is used as the target directly.
+    shape = shape_for_params(plan.N_opt)
+    steps = training_steps(plan.D_opt, args.batch_tokens)
+    if args.write_config:
+        fragment = {
+            "model": {
+                "config": {
+                    "n_layers": shape.n_layers,
+                    "d_model": shape.d_model,
+                    "n_heads": shape.n_heads,
+                    "n_kv_heads": shape.n_heads,
+                }
+            },
+            "trainer": {"max_steps": steps},
+        }
+        header = (
+            f"# lmlab scaling plan: C={plan.compute:.3g} FLOPs, N_opt={plan.N_opt:.4g}, D_opt={plan.D_opt:.4g}, "
+            f"predicted loss {plan.loss:.4f}; {args.batch_tokens:.0f} tokens/step\n"
+        )
+        try:
+            _write_yaml_atomic(Path(args.write_config), header + yaml.safe_dump(fragment, sort_keys=False))
+        except OSError as exc:
+            raise ConfigError("--write-config", f"cannot write {args.write_config}: {exc.strerror}", "pass a writable path") from None
+    if args.json:
+        out = plan.to_dict()
+        out.update(
+            law={k: getattr(law, k) for k in ("E", "A", "B", "alpha", "beta")},
+            rule_N=rule_n,
+            rule_D=rule_d,
+            n_layers=shape.n_layers,
+            d_model=shape.d_model,
+            n_heads=shape.n_heads,
+            shape_params=shape.n_params,
+            max_steps=steps,
+        )
+        if args.write_config:
+            out["config"] = str(args.write_config)
+        _print_json(out)
+        return 0
+    print(f"compute-optimal plan for C = {plan.compute:.3g} FLOPs ({plan.pf_days:.4g} PF-days)")
+    print(f"  law          E={law.E:.4g} A={law.A:.4g} B={law.B:.4g} alpha={law.alpha:.4g} beta={law.beta:.4g}")
+    print(f"  N_opt        {plan.N_opt:.4g} parameters")
+    print(f"  D_opt        {plan.D_opt:.4g} tokens ({plan.tokens_per_param:.1f} tokens/parameter)")
+    print(f"  loss         {plan.loss:.4f} (predicted)")
+    print(f"  20 N rule    N={rule_n:.4g}, D={rule_d:.4g}")
+    print(f"  shape        n_layers={shape.n_layers} d_model={shape.d_model} n_heads={shape.n_heads} ({shape.n_params:.4g} non-embedding)")
+    print(f"  time         {plan.seconds / 3600:.4g} h = {plan.days:.4g} days on {plan.accelerators} x {plan.peak_flops:.3g} FLOP/s at MFU {plan.mfu:g}")
+    print(f"  max_steps    {steps} at {args.batch_tokens:.0f} tokens/step")
+    if args.write_config:
+        print(f"  config       {args.write_config}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``lmlab scaling``; returns the process exit status (2 for bad input)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        args = _build_parser().parse_args(argv)
+        if args.command == "fit":
+            return _run_fit(args)
+        return _run_plan(args)
+    except ConfigError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 2
+    except SystemExit as exc:  # --help
+        return int(exc.code or 0)
