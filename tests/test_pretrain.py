@@ -163,3 +163,20 @@ def test_document_masking_trains(workdir, tmp_path):
     make_trainer(tmp_path, 20, [rec]).fit(module, datamodule=make_dm(workdir))
     losses = [rec.losses[s] for s in sorted(rec.losses)]
     assert losses[-1] < losses[0]
+
+
+def test_validate_test_and_predict_verbs_use_the_validation_windows(workdir, tmp_path):
+    pl.seed_everything(5)
+    module = make_module()
+    dm = make_dm(workdir)
+    trainer = make_trainer(tmp_path, 2, limit_val_batches=None)
+    trainer.fit(module, datamodule=dm)
+    val = trainer.validate(module, datamodule=dm, verbose=False)[0]
+    test = trainer.test(module, datamodule=dm, verbose=False)[0]
+    assert val["val/loss"] == pytest.approx(test["val/loss"])
+    preds = trainer.predict(module, datamodule=dm)
+    flat = [p for loader in preds for p in loader]
+    nll = torch.cat([p["nll"] for p in flat])
+    # the mean of per-window means equals the token-weighted validation loss (all windows have equal length)
+    assert float(nll.mean()) == pytest.approx(val["val/loss"], rel=1e-5)
+    assert all(torch.isfinite(p["bpb"]).all() for p in flat)

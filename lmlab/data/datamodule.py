@@ -257,6 +257,9 @@ class PretrainDataModule(pl.LightningDataModule):
     def test_dataloader(self) -> list[DataLoader]:
         return self.val_dataloader()
 
+    def predict_dataloader(self) -> list[DataLoader]:
+        return self.val_dataloader()
+
     # -- checkpoint state ----------------------------------------------------------
     def state_dict(self) -> dict:
         step = self.trainer.global_step if self.trainer is not None else self._resume_step

@@ -189,6 +189,15 @@ class PretrainModule(LMModuleBase):
             if not self.trainer.sanity_checking:
                 self.val_history.append({"step": int(self.global_step), **metrics})
 
+    def predict_step(self, batch: torch.Tensor, batch_idx: int, dataloader_idx: int = 0) -> dict:
+        """Per-window mean NLL and bits per byte (``lmlab predict`` over the validation windows)."""
+        nll, targets = self._nll(batch)
+        nbytes = self.token_bytes[targets.clamp(max=max(self.token_bytes.numel() - 1, 0))].sum(1) if self.token_bytes.numel() else None
+        out = {"nll": nll.mean(1), "source": dataloader_idx}
+        if nbytes is not None:
+            out["bpb"] = nll.sum(1) / (LN2 * nbytes.clamp(min=1))
+        return out
+
     def test_step(self, batch, batch_idx, dataloader_idx: int = 0):
         return self.validation_step(batch, batch_idx, dataloader_idx)
 
