@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 
 from lmlab.data.batching import BatchSchedule
 from lmlab.data.mixture import MixtureSampler
-from lmlab.data.packing import build_or_load_cache, num_windows, window
+from lmlab.data.packing import build_or_load_cache, load_cache, num_windows, window
 from lmlab.data.sources import SourceConfig, iter_documents, validate_sources
 from lmlab.data.tokenizer import TokenizerTrainConfig, load_tokenizer, token_byte_lengths, train_bpe
 from lmlab.errors import ConfigError
@@ -106,6 +106,9 @@ class PretrainDataModule(pl.LightningDataModule):
         val_max_windows: Validation windows per source (None: all).
         seed: Fixes the validation split and the training order.
         cache_dir: Where token caches live.
+        prepared_dir: A token directory written by ``lmlab data prepare``
+            (filtered, deduplicated, shuffled); used instead of tokenizing the
+            sources, which then only give names and weights.
         num_workers: Data-loader worker processes.
     """
 
@@ -123,6 +126,7 @@ class PretrainDataModule(pl.LightningDataModule):
         val_max_windows: Optional[int] = 64,
         seed: int = 1337,
         cache_dir: str = ".lmlab_cache",
+        prepared_dir: Optional[str] = None,
         num_workers: int = 0,
     ):
         super().__init__()
@@ -130,7 +134,13 @@ class PretrainDataModule(pl.LightningDataModule):
             raise ConfigError("data.seq_len", f"must be positive, got {seq_len}")
         if not 0 <= val_fraction < 1:
             raise ConfigError("data.val_fraction", f"must be in [0, 1), got {val_fraction}")
-        validate_sources(sources)
+        self.prepared_dir = prepared_dir
+        if prepared_dir is None:
+            validate_sources(sources)
+        elif not (Path(os.path.expanduser(prepared_dir)) / "meta.json").exists():
+            raise ConfigError(
+                "data.prepared_dir", f"{prepared_dir} holds no prepared data (no meta.json)", "run `lmlab data prepare` first"
+            )
         self.sources = sources
         self.tokenizer_spec = tokenizer
         self.tokenizer_train = tokenizer_train
@@ -158,15 +168,20 @@ class PretrainDataModule(pl.LightningDataModule):
 
     def prepare_data(self) -> None:
         self._ensure_tokenizer()
-        build_or_load_cache(self.sources, self.tokenizer, self.cache_dir, self.val_fraction, self.seed)
+        if self.prepared_dir is None:
+            build_or_load_cache(self.sources, self.tokenizer, self.cache_dir, self.val_fraction, self.seed)
 
     def setup(self, stage: Optional[str] = None) -> None:
         if self.streams is not None:
             return
         self._ensure_tokenizer()
-        self.cache_path, self.streams = build_or_load_cache(
-            self.sources, self.tokenizer, self.cache_dir, self.val_fraction, self.seed
-        )
+        if self.prepared_dir is not None:
+            self.cache_path = Path(os.path.expanduser(self.prepared_dir))
+            self.streams = load_cache(self.cache_path, [s.name for s in self.sources])
+        else:
+            self.cache_path, self.streams = build_or_load_cache(
+                self.sources, self.tokenizer, self.cache_dir, self.val_fraction, self.seed
+            )
         sizes = [num_windows(self.streams[s.name].train, self.seq_len) for s in self.sources]
         self.sampler = MixtureSampler([s.name for s in self.sources], [s.weight for s in self.sources], sizes, self.seed)
 
