@@ -1,7 +1,23 @@
-"""Sources, tokenizer, packing, mixture sampling and DataModules."""
+"""Sources, tokenizer, packing, mixture sampling and DataModules.
 
-from lmlab.data.datamodule import PretrainDataModule
-from lmlab.data.sources import SourceConfig
-from lmlab.data.tokenizer import TokenizerTrainConfig
+Exports are resolved lazily so light users (chat formatting, readers) do not
+pay for importing Lightning.
+"""
 
-__all__ = ["PretrainDataModule", "SourceConfig", "TokenizerTrainConfig"]
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "PretrainDataModule": "lmlab.data.datamodule",
+    "SourceConfig": "lmlab.data.sources",
+    "TokenizerTrainConfig": "lmlab.data.tokenizer",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'lmlab.data' has no attribute {name!r}")
