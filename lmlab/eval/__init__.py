@@ -17,6 +17,8 @@ _EXPORTS = {
     "load_task": "lmlab.eval.tasks",
     "list_tasks": "lmlab.eval.tasks",
     "task_texts": "lmlab.eval.contamination",
+    "LmlabLM": "lmlab.eval.adapter",
+    "EvalCallback": "lmlab.eval.callback",
 }
 __all__ = sorted(_EXPORTS)
 

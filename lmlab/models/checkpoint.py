@@ -23,6 +23,12 @@ def load_model_state(path: str | os.PathLike, field: str = "model.init_from") ->
     """(model config dict or None, state dict) from a checkpoint file or export directory."""
     p = Path(os.path.expanduser(str(path)))
     if p.is_dir():
+        if (p / "config.json").is_file():
+            # a transformers checkpoint (an `lmlab export --format hf` directory or any matching HF model)
+            from lmlab.models.hf import load_hf_state
+
+            config, state = load_hf_state(p)
+            return {**config.to_dict(), "preset": None}, state
         st = p / "model.safetensors"
         cfg = p / "lmlab_config.json"
         if not st.exists():

@@ -1,0 +1,248 @@
+"""``lmlab eval``: downstream tasks and perplexity for a checkpoint.
+
+::
+
+    lmlab eval --ckpt runs/x/last.ckpt --tasks hellaswag,arc_easy,gsm8k --limit 100 --out evals/x
+    lmlab eval perplexity --ckpt runs/x/last.ckpt --config experiments/quickstart.yaml
+    lmlab eval perplexity --ckpt exports/x --text notes.txt --stride 256
+    lmlab eval tasks                          # the built-in task names
+    lmlab eval compare ...                    # forwarded to lmlab.eval.compare_cli when installed
+
+``--ckpt`` is a Lightning ``.ckpt``, an lmlab export or an HF export
+directory; the tokenizer defaults to the one beside the checkpoint or in its
+run's ``config.yaml``. Task data is read from ``--data-dir`` (default
+``$LMLAB_EVAL_DATA`` or ``../shared/data/eval``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+from lmlab.errors import ConfigError
+from lmlab.export import DTYPES, OneLineParser, parse_dtype, run_main
+
+PROG = "lmlab eval"
+COMPARE_MODULE = "lmlab.eval.compare_cli"
+_NON_METRICS = ("n", "num_fewshot", "skipped_rows", "source", "subtasks")
+
+
+def _device(name: Optional[str]) -> str:
+    import torch
+
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("--device", f"{name} requested but CUDA is not available", "use --device cpu")
+    return name
+
+
+def _limit(text: str) -> int | float:
+    try:
+        value: int | float = int(text)
+    except ValueError:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer or a fraction, got {text!r}") from None
+    return value
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ckpt", required=True, help="Lightning .ckpt, lmlab export or HF export directory")
+    p.add_argument("--tokenizer", help="tokenizer directory (default: beside the checkpoint / its run config)")
+    p.add_argument("--batch-size", type=int, default=16, help="requests per forward pass (default 16)")
+    p.add_argument("--max-length", type=int, help="longest input (default: the model's max_seq_len)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--dtype", choices=tuple(DTYPES), help="cast weights (default: as stored)")
+
+
+def _run_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog=PROG, description="Evaluate a checkpoint on downstream tasks (`lmlab eval perplexity -h`, "
+                      "`lmlab eval tasks`, `lmlab eval compare -h` for the other commands).")
+    _model_args(p)
+    p.add_argument("--tasks", required=True, help="comma-separated task names or task YAML paths")
+    p.add_argument("--limit", type=_limit, help="first N docs per task, or a fraction (0, 1]")
+    p.add_argument("--num-fewshot", type=int, help="override every task's few-shot count")
+    p.add_argument("--data-dir", help="task data directory (default: $LMLAB_EVAL_DATA or ../shared/data/eval)")
+    p.add_argument("--out", help="write results.json and samples_<task>.jsonl here")
+    p.add_argument("--seed", type=int, default=1234, help="few-shot sampling / bootstrap seed")
+    p.add_argument("--online", action="store_true", help="allow downloading task data missing locally")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    return p
+
+
+def _ppl_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog=f"{PROG} perplexity",
+                      description="Perplexity and bits per byte, per source of a mixture's validation split or on files.")
+    _model_args(p)
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--config", help="experiment YAML: score its mixture's validation split per source")
+    what.add_argument("--text", action="append", help="a .txt file (one document) or .jsonl ({'text'} per line); repeatable")
+    p.add_argument("--stride", type=int, help="sliding-window stride (default: max_length // 2; = max_length is chunked)")
+    p.add_argument("--max-documents", type=int, help="score at most this many documents per source")
+    p.add_argument("--no-prefix", action="store_true", help="do not put EOS before each document (first token unscored)")
+    p.add_argument("--out", help="write the results as JSON to this file")
+    return p
+
+
+# --- commands ----------------------------------------------------------------------------------------
+
+
+def _load(args: argparse.Namespace, fallback_tokenizer: Optional[str] = None):
+    from lmlab.export import find_tokenizer, load_causal_lm, resolve_tokenizer
+
+    if args.batch_size < 1:
+        raise ConfigError("--batch-size", f"must be >= 1, got {args.batch_size}")
+    device = _device(args.device)
+    if not Path(args.ckpt).expanduser().exists():
+        raise ConfigError("--ckpt", f"checkpoint {args.ckpt} does not exist", "check the path")
+    spec = args.tokenizer
+    if spec is None and find_tokenizer(args.ckpt) is None:
+        spec = fallback_tokenizer
+    tokenizer = resolve_tokenizer(args.ckpt, spec)
+    model = load_causal_lm(args.ckpt, device=device, dtype=parse_dtype(args.dtype))
+    return model, tokenizer, device
+
+
+def _run(argv: list[str]) -> int:
+    from lmlab.eval.adapter import LmlabLM
+    from lmlab.eval.harness import evaluate
+    from lmlab.eval.tasks import task_file
+
+    args = _run_parser().parse_args(argv)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks:
+        raise ConfigError("--tasks", "no task named", "e.g. --tasks hellaswag,arc_easy")
+    for t in tasks:
+        task_file(t)  # unknown names fail here, listing the built-in tasks, before the model loads
+    model, tokenizer, device = _load(args)
+    lm = LmlabLM(model, tokenizer, batch_size=args.batch_size, max_length=args.max_length, device=device)
+    out = evaluate(lm, tasks, data_dir=args.data_dir, limit=args.limit, num_fewshot=args.num_fewshot,
+                   batch_size=args.batch_size, seed=args.seed, output_dir=args.out, online=args.online or None,
+                   progress=not args.no_progress)
+    print(format_results(out["results"]))
+    if lm.stats["hit_max_new_tokens"]:
+        print(f"note: {lm.stats['hit_max_new_tokens']} of {lm.stats['generations']} generations reached "
+              "max_new_tokens without a stop and were cut there")
+    if lm.stats["truncated_contexts"] or lm.stats["truncated_prompts"]:
+        print(f"note: {lm.stats['truncated_contexts'] + lm.stats['truncated_prompts']} inputs were longer than "
+              f"max_length={lm.max_length} and lost their start")
+    if args.out:
+        print(f"results: {Path(args.out) / 'results.json'}")
+    return 0
+
+
+def format_results(results: dict[str, dict[str, Any]]) -> str:
+    """A plain-text table: one row per task and metric, with its standard error and sample count."""
+    rows = [("task", "metric", "value", "stderr", "n")]
+    for task, entry in results.items():
+        n = str(entry.get("n", ""))
+        for name, value in entry.items():
+            if name in _NON_METRICS or "_stderr" in name or not isinstance(value, (int, float)):
+                continue
+            base, sep, filt = name.partition(",")
+            err = entry.get(f"{base}_stderr{sep}{filt}")
+            rows.append((task, name, f"{value:.4f}", "" if err is None else f"{err:.4f}", n))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _read_texts(paths: list[str]) -> list[str]:
+    texts = []
+    for name in paths:
+        p = Path(name).expanduser()
+        if not p.is_file():
+            raise ConfigError("--text", f"{p} does not exist", "give a text or .jsonl file")
+        try:
+            content = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ConfigError("--text", f"{p} is not UTF-8 text", "give a text or .jsonl file") from None
+        if p.suffix == ".jsonl":
+            for i, line in enumerate(content.splitlines()):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ConfigError("--text", f"{p}:{i + 1}: invalid JSON ({e.msg})", "one JSON object per line") from None
+                if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                    raise ConfigError("--text", f"{p}:{i + 1}: no 'text' string", "each line needs a 'text' field")
+                texts.append(row["text"])
+        else:
+            texts.append(content)
+    return texts
+
+
+def _perplexity(argv: list[str]) -> int:
+    from lmlab.eval.perplexity import experiment_mixture, mixture_perplexity, perplexity
+
+    args = _ppl_parser().parse_args(argv)
+    mixture = experiment_mixture(args.config) if args.config else None
+    texts = _read_texts(args.text) if args.text else None
+    model, tokenizer, device = _load(args, fallback_tokenizer=mixture["tokenizer"] if mixture else None)
+    common = dict(max_length=args.max_length, stride=args.stride, batch_size=args.batch_size,
+                  max_documents=args.max_documents, prefix=not args.no_prefix, device=device)
+    if mixture is not None:
+        results = mixture_perplexity(model, tokenizer, mixture["sources"], val_fraction=mixture["val_fraction"],
+                                     seed=mixture["seed"], cache_dir=mixture["cache_dir"], **common)
+    else:
+        results = {"text": perplexity(model, tokenizer, texts, name="text", **common)}
+    print(format_perplexity(results))
+    if args.out:
+        from lmlab.eval.results import atomic_write_json
+
+        atomic_write_json(args.out, {k: v.to_dict() for k, v in results.items()})
+        print(f"results: {args.out}")
+    return 0
+
+
+def format_perplexity(results: dict) -> str:
+    """A plain-text table of :class:`~lmlab.eval.perplexity.PerplexityResult` per source."""
+    rows = [("source", "docs", "tokens", "ppl", "bpb", "mean ctx")]
+    for name, r in results.items():
+        rows.append((name, str(r.documents), str(r.tokens), f"{r.ppl:.3f}", f"{r.bpb:.4f}", f"{r.mean_context:.1f}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _tasks(argv: list[str]) -> int:
+    from lmlab.eval.tasks import list_tasks
+
+    OneLineParser(prog=f"{PROG} tasks", description="List the built-in tasks.").parse_args(argv)
+    print("\n".join(list_tasks()))
+    return 0
+
+
+def _compare(argv: list[str]) -> int:
+    if importlib.util.find_spec(COMPARE_MODULE) is None:
+        raise ConfigError("compare", "`lmlab eval compare` is not available in this installation",
+                          f"it needs the {COMPARE_MODULE} module")
+    return int(importlib.import_module(COMPARE_MODULE).main(argv) or 0)
+
+
+COMMANDS = {"perplexity": _perplexity, "ppl": _perplexity, "tasks": _tasks, "compare": _compare}
+
+
+def _main(argv: list[str]) -> int:
+    if argv and argv[0] in COMMANDS:
+        return COMMANDS[argv[0]](argv[1:])
+    return _run(argv)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Entry point of ``lmlab eval``."""
+    return run_main(PROG, _main, list(sys.argv[1:] if argv is None else argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
