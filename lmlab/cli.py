@@ -57,9 +57,13 @@ def _lightning_cli_class():
         def before_instantiate_classes(self) -> None:
             from lmlab.budget import apply_budget
 
+            from lmlab.distributed.validate import validate_config
+
             cfg = self.config.get(self.subcommand) if self.subcommand else self.config
             if cfg is not None and cfg.get("budget") is not None:
                 apply_budget(cfg)
+            if cfg is not None:
+                validate_config(cfg)
 
     return LMLabCLI
 

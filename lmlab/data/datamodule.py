@@ -16,6 +16,7 @@ from lmlab.data.batching import BatchSchedule
 from lmlab.data.mixture import MixtureSampler
 from lmlab.data.packing import build_or_load_cache, load_cache, num_windows, window
 from lmlab.data.sources import SourceConfig, iter_documents, validate_sources
+from lmlab.distributed.hooks import data_parallel_rank_and_size
 from lmlab.data.tokenizer import TokenizerTrainConfig, load_tokenizer, token_byte_lengths, train_bpe
 from lmlab.errors import ConfigError
 
@@ -202,7 +203,12 @@ class PretrainDataModule(pl.LightningDataModule):
 
     @property
     def world_size(self) -> int:
-        return self.trainer.world_size if self.trainer is not None else 1
+        """Data-parallel replicas (tensor-parallel ranks of one replica read the same data)."""
+        return data_parallel_rank_and_size(self.trainer)[1]
+
+    @property
+    def rank(self) -> int:
+        return data_parallel_rank_and_size(self.trainer)[0]
 
     @property
     def micro_batch_size(self) -> int:
@@ -227,7 +233,7 @@ class PretrainDataModule(pl.LightningDataModule):
     # -- loaders ----------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:
         self.setup()
-        rank = self.trainer.global_rank if self.trainer is not None else 0
+        rank = self.rank
         start = self.trainer.global_step if self.trainer is not None else self._resume_step
         start = max(start, self._resume_step)
         max_steps = None
@@ -265,7 +271,7 @@ class PretrainDataModule(pl.LightningDataModule):
             if self.world_size > 1:
                 from torch.utils.data.distributed import DistributedSampler
 
-                sampler = DistributedSampler(ds, shuffle=False, drop_last=False)
+                sampler = DistributedSampler(ds, num_replicas=self.world_size, rank=self.rank, shuffle=False, drop_last=False)
             loaders.append(DataLoader(ds, batch_size=self.micro_batch_size, sampler=sampler, shuffle=False))
         return loaders
 

@@ -54,3 +54,36 @@ def detect_peak_flops(device: torch.device, precision: str | int | None) -> Opti
     if device.type == "cuda":
         return lookup_peak_flops(torch.cuda.get_device_name(device), precision)
     return None
+
+
+#: name fragment (lower case) -> device memory in GiB (the largest common variant)
+DEVICE_MEMORY_GIB: dict[str, float] = {
+    "h200": 141, "h100 pcie": 80, "h100": 80, "gh200": 96, "b200": 180, "a100": 80, "a10g": 24, "l40s": 48,
+    "l4": 24, "v100": 32, "t4": 16, "rtx 4090": 24, "rtx 3090": 24, "mi300x": 192, "mi250x": 128,
+}
+
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
+          "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}
+
+
+def lookup_device_memory(device_name: str) -> Optional[float]:
+    """Device memory in bytes for a name such as ``H100``; None if unknown."""
+    name = device_name.lower()
+    for key, gib in DEVICE_MEMORY_GIB.items():
+        if key in name:
+            return gib * 1024**3
+    return None
+
+
+def parse_bytes(text: str | float | int) -> float:
+    """``80GiB``, ``40 GB``, ``512MiB`` or a plain number of bytes -> bytes."""
+    if isinstance(text, (int, float)):
+        return float(text)
+    s = str(text).strip().lower().replace(" ", "")
+    i = len(s)
+    while i > 0 and s[i - 1].isalpha():
+        i -= 1
+    number, unit = s[:i], s[i:]
+    if unit not in _UNITS or not number:
+        raise ValueError(f"cannot read {text!r} as a size; write e.g. 80GiB, 40GB or 512MiB")
+    return float(number) * _UNITS[unit]

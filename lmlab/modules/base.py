@@ -10,7 +10,6 @@ norm is the true pre-clip global norm.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from typing import Optional
 
@@ -22,7 +21,7 @@ from lmlab.distributed.hardware import detect_peak_flops
 from lmlab.errors import ConfigError
 from lmlab.models.checkpoint import load_backbone_weights, load_model_state
 from lmlab.models.config import TransformerConfig
-from lmlab.modules.optim import OptimizerConfig, ScheduleConfig, build_optimizer, clip_by_global_norm, make_lr_lambda
+from lmlab.modules.optim import OptimizerConfig, ScheduleConfig, build_optimizer, make_lr_lambda
 
 
 class LMModuleBase(pl.LightningModule):
@@ -95,16 +94,23 @@ class LMModuleBase(pl.LightningModule):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
+    def configure_model(self) -> None:
+        """Apply lmlab's tensor-parallel + FSDP2 plan under ModelParallelStrategy (no-op otherwise)."""
+        from lmlab.distributed.parallelize import maybe_parallelize
+
+        maybe_parallelize(self)
+
     def accumulation_context(self, last: bool):
-        """Skip the DDP gradient all-reduce on all but the last micro-batch."""
-        if last or self.trainer is None:
-            return contextlib.nullcontext()
-        block = getattr(self.trainer.strategy, "block_backward_sync", None)
-        return block() if block is not None else contextlib.nullcontext()
+        """Reduce gradients only on the last micro-batch (DDP no_sync, FSDP2, DeepSpeed boundary)."""
+        from lmlab.distributed.hooks import accumulation_context
+
+        return accumulation_context(self, last)
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        # Runs after fp16 unscaling and before the update: the norm here is the true one.
-        self._last_grad_norm = clip_by_global_norm(self.model.parameters(), self.gradient_clip_val)
+        # Runs after fp16 unscaling and before the update: the norm here is the true global one.
+        from lmlab.distributed.hooks import clip_grad_norm
+
+        self._last_grad_norm = clip_grad_norm(self, self.gradient_clip_val)
 
     def optimizer_update(self) -> None:
         opt = self.optimizers()
@@ -117,9 +123,12 @@ class LMModuleBase(pl.LightningModule):
     # -- logging helpers --------------------------------------------------------------
     def log_step_stats(self, tokens_this_step: int) -> None:
         """Learning rate, grad norm, tokens seen, throughput and MFU for the step just taken."""
+        from lmlab.distributed.hooks import data_parallel_rank_and_size
+
         now = time.perf_counter()
         world = self.trainer.world_size if self.trainer is not None else 1
-        global_tokens = tokens_this_step * world
+        # tensor-parallel ranks share their data: tokens scale with data-parallel replicas only
+        global_tokens = tokens_this_step * data_parallel_rank_and_size(self.trainer)[1]
         self.tokens_seen += global_tokens
         opt = self.optimizers()
         lr = opt.param_groups[0]["lr"] if opt is not None else 0.0

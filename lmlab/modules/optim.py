@@ -154,8 +154,13 @@ def make_lr_lambda(cfg: ScheduleConfig, max_steps: Optional[int]) -> LRLambda:
 
 
 def param_groups(model: nn.Module, cfg: OptimizerConfig) -> list[dict]:
-    """Split parameters into weight-decayed matrices and the rest."""
+    """Split parameters into weight-decayed matrices and the rest.
+
+    Classified by the module that owns them, not by ``p.ndim``: FSDP flattens
+    every parameter to 1-D, which would silently switch weight decay off.
+    """
     embedding_params = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    linear_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
     decay, no_decay, seen = [], [], set()
     for name, p in model.named_parameters():
         if not p.requires_grad or id(p) in seen:
@@ -163,7 +168,7 @@ def param_groups(model: nn.Module, cfg: OptimizerConfig) -> list[dict]:
         seen.add(id(p))
         if id(p) in embedding_params:
             (decay if cfg.decay_embeddings else no_decay).append(p)
-        elif p.ndim >= 2:
+        elif id(p) in linear_weights:
             decay.append(p)
         else:
             (decay if cfg.decay_norms_and_biases else no_decay).append(p)

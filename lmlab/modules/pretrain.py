@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 
+from lmlab.distributed.hooks import data_parallel_rank_and_size
 from lmlab.errors import ConfigError
 from lmlab.models.config import TransformerConfig
 from lmlab.models.counting import count_params, flops_per_token, training_flops
@@ -148,7 +149,7 @@ class PretrainModule(LMModuleBase):
             {
                 "train/ppl": torch.exp(loss.clamp(max=50)),
                 "train/bpb": loss_sum / (LN2 * byte_sum.clamp(min=1)),
-                "train/global_batch": float(tokens.shape[0] * self.trainer.world_size),
+                "train/global_batch": float(tokens.shape[0] * data_parallel_rank_and_size(self.trainer)[1]),
             },
             on_step=True,
             on_epoch=False,

@@ -9,6 +9,10 @@ A document is a dict with at least ``text`` (plus usually ``id``, ``source`` and
 - :mod:`.agreement` — agreement of filters and score with human labels;
 - :mod:`.dedup` — exact and MinHash-LSH near-duplicate removal;
 - :mod:`.decontaminate` / :mod:`.eval_sets` — 13-gram overlap with eval sets.
+
+:mod:`.prepare` runs them as ``lmlab data prepare``: a cached, resumable,
+parallel pipeline from a mixture's sources to the token arrays a training run
+reads (see ``docs/data.md``).
 """
 
 from __future__ import annotations

@@ -292,15 +292,35 @@ class MinHashDeduplicator:
 
     def run(self, docs: Sequence[Mapping[str, Any]]) -> DedupResult:
         """Cluster near-duplicates among ``docs``; documents without tokens are never merged."""
-        cfg = self.config
         ids = _doc_ids(docs)
-        sigs = [self.signature(d["text"]) for d in docs]
+        return self.cluster(ids, [self.signature(d["text"]) for d in docs])
+
+    def from_hashvalues(self, hashvalues: np.ndarray) -> MinHash:
+        """Rebuild a signature from stored :attr:`MinHash.hashvalues` (same config and seed)."""
+        return MinHash(
+            seed=self.config.seed,
+            hashfunc=_identity,
+            permutations=self._template.permutations,
+            hashvalues=hashvalues,
+            scheme=self._template.scheme,
+        )
+
+    def cluster(self, ids: Sequence[Hashable], sigs: Sequence[MinHash | None]) -> DedupResult:
+        """Cluster precomputed signatures (``None``: never merged); ids are kept as given.
+
+        Lets a caller compute signatures in parallel or cache them, then cluster
+        all of them at once; :meth:`run` is ``cluster(ids, [signature(...)])``.
+        """
+        cfg = self.config
+        ids = list(ids)
+        if len(ids) != len(sigs):
+            raise ConfigError("dedup", f"{len(ids)} ids but {len(sigs)} signatures", "pass one signature per id")
         lsh = MinHashLSH(threshold=cfg.threshold, num_perm=cfg.num_perm, params=(cfg.bands, cfg.rows))
         with lsh.insertion_session() as session:
             for i, mh in enumerate(sigs):
                 if mh is not None:
                     session.insert(i, mh, check_duplication=False)
-        uf = UnionFind(len(docs))
+        uf = UnionFind(len(ids))
         n_candidates = n_verified = 0
         for i, mh in enumerate(sigs):
             if mh is None:
