@@ -36,7 +36,11 @@ class ChinchillaLaw:
     @property
     def G(self) -> float:
         """G = (alpha A / (beta B))^(1 / (alpha + beta)); N_opt = G (C/6)^a, D_opt = (C/6)^b / G."""
-        return float((self.alpha * self.A / (self.beta * self.B)) ** (1.0 / (self.alpha + self.beta)))
+        ratio = self.alpha * self.A / (self.beta * self.B)
+        if not ratio > 0 or not self.alpha + self.beta > 0:
+            # a term that does not fall with N or D (e.g. a bootstrap resample with alpha < 0): no interior optimum
+            return float("nan")
+        return float(ratio ** (1.0 / (self.alpha + self.beta)))
 
     def optimal(self, C: np.ndarray | float) -> tuple[np.ndarray | float, np.ndarray | float]:
         """(N_opt, D_opt) minimising the law subject to C = 6 N D (Hoffmann et al. 2022, eq. 4)."""
