@@ -12,6 +12,10 @@ _EXPORTS = {
     "PretrainDataModule": "lmlab.data.datamodule",
     "SourceConfig": "lmlab.data.sources",
     "TokenizerTrainConfig": "lmlab.data.tokenizer",
+    "SFTDataModule": "lmlab.data.posttrain_datamodules",
+    "PreferenceDataModule": "lmlab.data.posttrain_datamodules",
+    "PromptDataModule": "lmlab.data.posttrain_datamodules",
+    "VerifiableData": "lmlab.data.posttrain_datamodules",
 }
 
 __all__ = list(_EXPORTS)
