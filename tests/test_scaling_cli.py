@@ -154,3 +154,21 @@ def test_plan_from_fit_json(tmp_path, capsys):
     obj = _json(capsys)
     n_opt, _ = LAW.optimal(1e22)
     assert obj["N_opt"] == pytest.approx(n_opt)
+
+
+def test_fit_logs_parameters_and_plot_to_an_offline_wandb_run(tmp_path, monkeypatch, capsys):
+    rng = np.random.default_rng(0)
+    N = np.repeat([1e6, 3e6, 1e7, 3e7], 4)
+    D = np.tile([2e7, 6e7, 2e8, 6e8], 4)
+    loss = 1.8 + 400 / N**0.34 + 2000 / D**0.36 + rng.normal(0, 0.002, N.size)
+    csv = tmp_path / "runs.csv"
+    pd.DataFrame({"N": N, "D": D, "loss": loss}).to_csv(csv, index=False)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    png = tmp_path / "fit.png"
+    assert main(["fit", str(csv), "--plot", str(png), "--wandb", "lmlab-test"]) == 0
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    images = list(runs[0].rglob("*.png"))
+    assert images and images[0].stat().st_size > 0

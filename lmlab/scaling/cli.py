@@ -60,6 +60,8 @@ def _build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--window", type=float, default=None, help="approach2: fit within this many decades of each budget's best N")
     fit.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     fit.add_argument("--plot", default=None, metavar="PNG", help="write a plot of the fit")
+    fit.add_argument("--wandb", default=None, metavar="PROJECT",
+                     help="also log the fit and its plot to a W&B run in PROJECT (offline without an API key)")
 
     plan = sub.add_parser("plan", help="compute-optimal model size, tokens and wall time for a FLOP budget")
     plan.add_argument("--compute", type=float, required=True, help="training FLOPs")
@@ -156,6 +158,8 @@ def _run_fit(args: argparse.Namespace) -> int:
             plot(args.plot)
         except OSError as exc:
             raise ConfigError("--plot", f"cannot write {args.plot}: {exc.strerror}", "pass a writable path") from None
+    if args.wandb:
+        _log_to_wandb(args, fit, data.n_points)
     if args.json:
         out = fit.to_dict()
         out["excluded"] = [{"row": e.row, "reason": e.reason} for e in data.excluded]
@@ -170,6 +174,26 @@ def _run_fit(args: argparse.Namespace) -> int:
     if args.plot:
         print(f"  plot: {args.plot}")
     return 0
+
+
+def _log_to_wandb(args: argparse.Namespace, fit, n_points: int) -> None:
+    """One W&B run per fit: parameters and intervals in the summary, the plot as an image."""
+    import wandb
+
+    from lmlab.loggers import wandb_credentials_available
+
+    mode = "online" if wandb_credentials_available() and os.environ.get("WANDB_MODE") != "offline" else "offline"
+    run = wandb.init(project=args.wandb, job_type="scaling-fit", name=f"{args.method}:{Path(args.file).stem}",
+                     mode=mode, config={"method": args.method, "file": str(args.file), "n_points": n_points})
+    try:
+        summary = {k: v for k, v in fit.to_dict().items() if isinstance(v, (int, float, str))}
+        for name, (lo, hi) in (fit.intervals or {}).items():
+            summary[f"{name}_lo"], summary[f"{name}_hi"] = lo, hi
+        run.summary.update(summary)
+        if args.plot:
+            run.log({f"scaling/{args.method}": wandb.Image(str(args.plot))})
+    finally:
+        run.finish()
 
 
 def _law_from_json(path: str) -> ChinchillaLaw:
