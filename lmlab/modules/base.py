@@ -146,6 +146,16 @@ class LMModuleBase(pl.LightningModule):
         self._last_step_time = now
         self.log_dict(stats, on_step=True, on_epoch=False, rank_zero_only=True)
 
+    # -- test = validation on the test loader ---------------------------------------
+    def test_step(self, batch, batch_idx, dataloader_idx: int = 0):
+        return self.validation_step(batch, batch_idx, dataloader_idx)
+
+    def on_test_epoch_start(self) -> None:
+        self.on_validation_epoch_start()
+
+    def on_test_epoch_end(self) -> None:
+        self.on_validation_epoch_end()
+
     # -- checkpoint metadata ---------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["lmlab"] = {

@@ -198,12 +198,3 @@ class PretrainModule(LMModuleBase):
         if nbytes is not None:
             out["bpb"] = nll.sum(1) / (LN2 * nbytes.clamp(min=1))
         return out
-
-    def test_step(self, batch, batch_idx, dataloader_idx: int = 0):
-        return self.validation_step(batch, batch_idx, dataloader_idx)
-
-    def on_test_epoch_start(self) -> None:
-        self.on_validation_epoch_start()
-
-    def on_test_epoch_end(self) -> None:
-        self.on_validation_epoch_end()

@@ -146,12 +146,3 @@ class SFTModule(PostTrainModuleBase):
         self.log_dict(metrics, on_step=False, on_epoch=True)
         if not self.trainer.sanity_checking:
             self.val_history.append({"step": int(self.global_step), **metrics})
-
-    def test_step(self, batch, batch_idx, dataloader_idx: int = 0):
-        return self.validation_step(batch, batch_idx, dataloader_idx)
-
-    def on_test_epoch_start(self) -> None:
-        self.on_validation_epoch_start()
-
-    def on_test_epoch_end(self) -> None:
-        self.on_validation_epoch_end()
