@@ -164,10 +164,9 @@ def test_fit_logs_parameters_and_plot_to_an_offline_wandb_run(tmp_path, monkeypa
     csv = tmp_path / "runs.csv"
     pd.DataFrame({"N": N, "D": D, "loss": loss}).to_csv(csv, index=False)
     monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     png = tmp_path / "fit.png"
-    assert main(["fit", str(csv), "--plot", str(png), "--wandb", "lmlab-test"]) == 0
+    assert main(["fit", str(csv), "--plot", str(png), "--wandb", "lmlab-test", "--wandb-dir", str(tmp_path)]) == 0
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     images = list(runs[0].rglob("*.png"))

@@ -62,6 +62,8 @@ def _build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--plot", default=None, metavar="PNG", help="write a plot of the fit")
     fit.add_argument("--wandb", default=None, metavar="PROJECT",
                      help="also log the fit and its plot to a W&B run in PROJECT (offline without an API key)")
+    fit.add_argument("--wandb-dir", default=None, metavar="DIR",
+                     help="where the W&B run directory goes (default $WANDB_DIR, else runs/)")
 
     plan = sub.add_parser("plan", help="compute-optimal model size, tokens and wall time for a FLOP budget")
     plan.add_argument("--compute", type=float, required=True, help="training FLOPs")
@@ -183,8 +185,11 @@ def _log_to_wandb(args: argparse.Namespace, fit, n_points: int) -> None:
     from lmlab.loggers import wandb_credentials_available
 
     mode = "online" if wandb_credentials_available() and os.environ.get("WANDB_MODE") != "offline" else "offline"
+    run_dir = Path(args.wandb_dir or os.environ.get("WANDB_DIR") or "runs")
+    run_dir.mkdir(parents=True, exist_ok=True)
     run = wandb.init(project=args.wandb, job_type="scaling-fit", name=f"{args.method}:{Path(args.file).stem}",
-                     mode=mode, config={"method": args.method, "file": str(args.file), "n_points": n_points})
+                     mode=mode, dir=str(run_dir), reinit="finish_previous",
+                     config={"method": args.method, "file": str(args.file), "n_points": n_points})
     try:
         summary = {k: v for k, v in fit.to_dict().items() if isinstance(v, (int, float, str))}
         for name, (lo, hi) in (fit.intervals or {}).items():
