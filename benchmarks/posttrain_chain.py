@@ -47,6 +47,7 @@ class ChainSettings:
     sft_steps: Optional[int] = None
     rm_steps: Optional[int] = None
     ppo_iterations: Optional[int] = None
+    rollout_temperature: Optional[float] = None
     train_examples: Optional[int] = None
     eval_prompts: int = 300
     eval_pairs: int = 400
@@ -56,7 +57,10 @@ class ChainSettings:
     task_args: dict[str, Any] = field(default_factory=dict)
 
 
-FAST = dict(rm_steps=250, ppo_iterations=20, eval_prompts=200, eval_pairs=200)
+# The reduced chain runs 20 PPO iterations. The recipes sample rollouts at temperature 0.7,
+# which over 200 iterations moves greedy exact match the most; over 20 iterations sampling
+# at temperature 1 gives the larger and more reliable reward gain that the tests check.
+FAST = dict(rm_steps=250, ppo_iterations=20, rollout_temperature=1.0, eval_prompts=200, eval_pairs=200)
 
 # the task-specific fields of data.verifiable for each task
 TASK_ARGS = {
@@ -101,6 +105,8 @@ def write_config(stage: str, s: ChainSettings) -> Path:
     if stage == "reward" and s.rm_steps is not None:
         cfg["trainer"]["max_steps"] = s.rm_steps
         cfg["trainer"]["val_check_interval"] = max(1, s.rm_steps // 2)
+    if stage.startswith("ppo") and s.rollout_temperature is not None:
+        model.setdefault("rollout", {})["temperature"] = s.rollout_temperature
     if stage.startswith("ppo") and s.ppo_iterations is not None:
         ppo = model.get("ppo", {})
         per_iteration = ppo.get("ppo_epochs", 4) * (cfg["data"]["init_args"]["batch_size"] // ppo.get("mini_batch_size", cfg["data"]["init_args"]["batch_size"]))
