@@ -41,6 +41,25 @@ def corpus_sources(root: Path) -> list:
     ]
 
 
+def make_trainer(tmp_path, max_steps: int, callbacks=(), **kw) -> pl.Trainer:
+    """A quiet single-CPU Trainer for tests: no logger, checkpoints, progress bar or validation unless asked."""
+    args = dict(
+        accelerator="cpu",
+        devices=1,
+        max_steps=max_steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        default_root_dir=str(tmp_path),
+        callbacks=list(callbacks),
+    )
+    args.update(kw)
+    return pl.Trainer(**args)
+
+
 class LossRecorder(pl.Callback):
     """Per-step training losses, and optional stop after a given step."""
 

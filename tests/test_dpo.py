@@ -14,6 +14,7 @@ from lmlab.models import TransformerConfig
 from lmlab.modules.dpo import DPOModule
 from lmlab.modules.optim import OptimizerConfig, ScheduleConfig
 from lmlab.modules.sft import SFTModule
+from helpers import make_trainer
 
 
 @pytest.fixture(autouse=True)
@@ -39,14 +40,6 @@ def policy_ckpt(tok, tmp_path_factory):
     path = tmp_path_factory.mktemp("dpo") / "policy.ckpt"
     trainer.save_checkpoint(path)
     return str(path)
-
-
-def make_trainer(tmp_path, steps: int, **kw) -> pl.Trainer:
-    args = dict(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
-                enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-                default_root_dir=str(tmp_path))
-    args.update(kw)
-    return pl.Trainer(**args)
 
 
 def pref_dm(**kw) -> PreferenceDataModule:

@@ -16,6 +16,7 @@ from lmlab.models.checkpoint import load_model_state
 from lmlab.modules.ppo import KLConfig, PPOConfig, PPODivergenceError, PPOModule, RolloutConfig, SafetyConfig
 from lmlab.modules.reward import RewardModule
 from lmlab.modules.sft import SFTModule
+from helpers import make_trainer
 
 
 @pytest.fixture(autouse=True)
@@ -33,14 +34,6 @@ def tok():
 
 def tiny_config(tok, vocab=None) -> TransformerConfig:
     return TransformerConfig(vocab_size=vocab or len(tok), d_model=32, n_layers=2, n_heads=2, max_seq_len=64, pad_vocab_to=8)
-
-
-def make_trainer(tmp_path, steps: int, **kw) -> pl.Trainer:
-    args = dict(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
-                enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-                default_root_dir=str(tmp_path))
-    args.update(kw)
-    return pl.Trainer(**args)
 
 
 def save(module, path, info) -> str:

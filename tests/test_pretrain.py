@@ -6,7 +6,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from helpers import LossRecorder, corpus_sources, write_corpus
+from helpers import LossRecorder, corpus_sources, make_trainer, write_corpus
 from lmlab.data import PretrainDataModule, TokenizerTrainConfig
 from lmlab.errors import ConfigError
 from lmlab.models import CausalLM, TransformerConfig
@@ -45,24 +45,6 @@ def make_module(**kw):
         schedule=ScheduleConfig(name="cosine", warmup_steps=3, total_steps=kw.pop("total_steps", None)),
         **kw,
     )
-
-
-def make_trainer(tmp, max_steps, callbacks=(), **kw):
-    args = dict(
-        accelerator="cpu",
-        devices=1,
-        max_steps=max_steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        default_root_dir=str(tmp),
-        callbacks=list(callbacks),
-    )
-    args.update(kw)
-    return pl.Trainer(**args)
 
 
 def test_loss_falls_and_validation_reports_per_source(workdir, tmp_path):

@@ -17,6 +17,7 @@ from lmlab.models import TransformerConfig, left_pad
 from lmlab.modules.optim import OptimizerConfig, ScheduleConfig
 from lmlab.modules.reward import RewardModule, score_sequences
 from lmlab.modules.sft import SFTModule
+from helpers import make_trainer
 
 
 @pytest.fixture(autouse=True)
@@ -34,14 +35,6 @@ def tok():
 
 def tiny_config(tok) -> TransformerConfig:
     return TransformerConfig(vocab_size=len(tok), d_model=32, n_layers=2, n_heads=2, max_seq_len=64, pad_vocab_to=8)
-
-
-def make_trainer(tmp_path, steps: int, **kw) -> pl.Trainer:
-    args = dict(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
-                enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-                default_root_dir=str(tmp_path))
-    args.update(kw)
-    return pl.Trainer(**args)
 
 
 def pref_dm(**kw) -> PreferenceDataModule:
