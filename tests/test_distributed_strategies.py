@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from lmlab.cli import main
-from lmlab.distributed.hooks import accumulation_context, clip_grad_norm, data_parallel_rank_and_size
+from lmlab.distributed.hooks import accumulation_context, clip_grad_norm, data_parallel_rank_and_size, engine_grad_norm
 from lmlab.distributed.validate import resolve_devices, strategy_info, validate_config
 from lmlab.errors import ConfigError
 from lmlab.models import CausalLM, TransformerConfig
@@ -135,14 +135,26 @@ class ParallelModule(pl.LightningModule):
         maybe_parallelize(self)
 
 
-def test_gpu_only_strategies_on_cpu_are_rejected():
-    for name in ("fsdp.yaml", "deepspeed_zero2.yaml"):
-        with pytest.raises(ConfigError) as e:
-            validate_config(_cfg(_yaml_strategy(name), accelerator="cpu"), cuda_available=False, deepspeed_available=True)
-        assert e.value.field == "trainer.strategy" and "ddp" in str(e.value)
+def test_gpu_only_strategies_on_cpu_are_rejected_with_the_cpu_route():
+    # FSDP1 cannot run on CPUs: the fix names FSDP2 through ModelParallel
+    with pytest.raises(ConfigError) as e:
+        validate_config(_cfg(_yaml_strategy("fsdp.yaml"), accelerator="cpu"), cuda_available=False)
+    assert e.value.field == "trainer.strategy" and "tensor_parallel_size=1" in str(e.value)
+    # Lightning's own DeepSpeedStrategy stops on CPUs; lmlab's subclass is the fix
+    lightning_ds = {"class_path": "lightning.pytorch.strategies.DeepSpeedStrategy", "init_args": {"stage": 2}}
+    with pytest.raises(ConfigError) as e:
+        validate_config(_cfg(lightning_ds, accelerator="cpu"), cuda_available=False, deepspeed_available=True)
+    assert "lmlab.distributed.strategies.DeepSpeedZeRO" in str(e.value)
     for name in ("fsdp", "deepspeed_stage_3"):
         with pytest.raises(ConfigError, match="needs CUDA"):
             validate_config(_cfg(name, accelerator="auto"), cuda_available=False, deepspeed_available=True)
+    # lmlab's DeepSpeedZeRO runs on CPUs, unless CUDA is visible (DeepSpeed would pick the GPU)
+    validate_config(_cfg(_yaml_strategy("deepspeed_zero2.yaml"), accelerator="cpu", devices=2),
+                    cuda_available=False, deepspeed_available=True)
+    with pytest.raises(ConfigError) as e:
+        validate_config(_cfg(_yaml_strategy("deepspeed_zero2.yaml"), accelerator="cpu", devices=2),
+                        cuda_available=True, gpu_count=1, deepspeed_available=True)
+    assert e.value.field == "trainer.accelerator" and "CUDA_VISIBLE_DEVICES" in str(e.value)
     with pytest.raises(ConfigError) as e:
         validate_config(_cfg("ddp", accelerator="gpu"), cuda_available=False)
     assert e.value.field == "trainer.accelerator"
@@ -253,7 +265,9 @@ def test_step_hooks_dispatch_to_deepspeed_and_fsdp1():
         with accumulation_context(holder, last=i == 2):
             pass
     assert engine.boundaries == [False, False, True]
-    assert float(clip_grad_norm(holder, 1.0)) == 3.5
+    # the engine clips inside its step: nothing to report before it, its own norm after it
+    assert clip_grad_norm(holder, 1.0) is None
+    assert float(engine_grad_norm(holder)) == 3.5
 
     fsdp = FullyShardedDataParallel()
     holder._trainer = type("T", (), {"strategy": type("S", (), {"model": fsdp})()})()

@@ -61,6 +61,12 @@ def accumulation_context(module, last: bool):
     if engine is not None:
         # DeepSpeed accumulates across backward calls only when told the boundary is not reached
         engine.set_gradient_accumulation_boundary(bool(last))
+        # ZeRO-3 counts micro-batches in the engine's forward, which Lightning calls once per
+        # training_step: without this every micro-batch after the first overwrites the partitioned
+        # gradients instead of adding to them (a no-op when nothing is pending: safe to repeat)
+        clear = getattr(getattr(engine, "optimizer", None), "clear_backward_seen_flag", None)
+        if clear is not None:
+            clear()
         return contextlib.nullcontext()
     if last:
         return contextlib.nullcontext()
@@ -117,9 +123,9 @@ def clip_grad_norm(module, max_norm: Optional[float], parameters: Optional[Itera
     strategy = _strategy(module)
     engine = _deepspeed_engine(strategy)
     if engine is not None:
-        # the engine clips inside step() with its config's gradient_clipping; its norm is the last step's
-        norm = engine.get_global_grad_norm()
-        return None if norm is None else torch.as_tensor(float(norm))
+        # the engine clips inside step() with its config's gradient_clipping and only knows the
+        # norm afterwards: engine_grad_norm() reads it once the step is taken
+        return None
     wrapped = getattr(strategy, "model", None) if strategy is not None else None
     if wrapped is not None and type(wrapped).__name__ == "FullyShardedDataParallel":
         return wrapped.clip_grad_norm_(max_norm if max_norm and max_norm > 0 else float("inf"))
@@ -135,6 +141,25 @@ def clip_grad_norm(module, max_norm: Optional[float], parameters: Optional[Itera
         for g in grads:
             g.mul_(scalar if scalar is not None else coef.to(g.device, g.dtype))
     return total
+
+
+def engine_grad_norm(module) -> Optional[torch.Tensor]:
+    """The pre-clip global norm DeepSpeed computed in the step just taken (``None`` for other strategies)."""
+    engine = _deepspeed_engine(_strategy(module))
+    if engine is None:
+        return None
+    norm = engine.get_global_grad_norm()
+    return None if norm is None else torch.as_tensor(float(norm))
+
+
+def offloads_optimizer(module) -> bool:
+    """Whether the strategy runs the optimizer step on the host (DeepSpeed ``offload_optimizer``)."""
+    strategy = _strategy(module)
+    config = getattr(strategy, "config", None)
+    if not isinstance(config, dict):
+        return False
+    offload = (config.get("zero_optimization") or {}).get("offload_optimizer") or {}
+    return isinstance(offload, dict) and offload.get("device") in ("cpu", "nvme")
 
 
 def data_parallel_rank_and_size(trainer) -> tuple[int, int]:

@@ -129,6 +129,40 @@ def _fused_colwise(segments: Sequence[int]):
     return FusedColwiseParallel()
 
 
+def fused_row_permutations(model: nn.Module) -> dict:
+    """``{parameter: perm}`` for the fused column-wise TP parameters, stored in rank-major row order."""
+    out = {}
+    for module in model.modules():
+        perm = getattr(module, "_lmlab_row_perm", None)
+        if perm is None:
+            continue
+        for name in ("weight", "bias"):
+            param = getattr(module, name, None)
+            if isinstance(param, nn.Parameter):
+                out[param] = perm
+    return out
+
+
+def permute_optimizer_rows(optimizer: torch.optim.Optimizer, perms: dict, to_canonical: bool) -> None:
+    """Reorder the row-shaped optimizer state (Adam moments) of the fused TP parameters.
+
+    The state follows its parameter's rank-major rows, which depend on the TP
+    degree. Checkpoints hold canonical rows (as the weights' state-dict hooks
+    do), so a run resumed at another TP degree, or under plain FSDP2, pairs
+    every moment with its own row. Collective (DTensor state): every rank calls
+    it, in the same order.
+    """
+    for param, perm in perms.items():
+        state = optimizer.state.get(param)
+        if not state:
+            continue
+        index = torch.argsort(perm) if to_canonical else perm
+        for key, value in list(state.items()):
+            if torch.is_tensor(value) and value.dim() > 0 and tuple(value.shape) == tuple(param.shape):
+                full = _full(value)
+                state[key] = _like(full.index_select(0, index.to(full.device)), value)
+
+
 # -- the plan ---------------------------------------------------------------------------
 def check_tp_degree(config, tp: int) -> None:
     """Raise :class:`ConfigError` when ``tp`` cannot split the heads or the MLP evenly."""

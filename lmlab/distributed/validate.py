@@ -34,6 +34,7 @@ class StrategyInfo:
     sharding: Optional[str] = None  # FSDP sharding strategy
     tp: Any = 1  # tensor-parallel size (int or "auto")
     dp: Any = "auto"
+    cpu_ok: bool = False  # a GPU-only kind whose class also runs on CPUs
 
 
 def _plain(obj: Any) -> Any:
@@ -95,7 +96,9 @@ def strategy_info(strategy: Any) -> StrategyInfo:
     if issubclass(cls, DeepSpeedStrategy):
         config = args.get("config") if isinstance(args.get("config"), dict) else None
         stage = (config or {}).get("zero_optimization", {}).get("stage", args.get("stage", 2))
-        return StrategyInfo("deepspeed", name, args, stage=int(stage))
+        from lmlab.distributed.strategies import DeepSpeedZeRO
+
+        return StrategyInfo("deepspeed", name, args, stage=int(stage), cpu_ok=issubclass(cls, DeepSpeedZeRO))
     if issubclass(cls, FSDPStrategy):
         sharding = str(args.get("sharding_strategy", "FULL_SHARD")).upper().rpartition(".")[2]
         return StrategyInfo("fsdp", name, args, sharding=sharding)
@@ -163,12 +166,19 @@ def validate_config(
     wants_gpu = accel in ("gpu", "cuda")
     on_gpu = wants_gpu or (accel == "auto" and cuda_available)
 
-    if info.kind in GPU_ONLY and not (on_gpu and cuda_available):
+    if info.kind in GPU_ONLY and not (on_gpu and cuda_available) and not info.cpu_ok:
         why = "trainer.accelerator resolves to cpu" if not on_gpu else "no CUDA device is visible"
+        fix = {
+            "fsdp": "on CPU use experiments/strategies/fsdp2_tp.yaml with tensor_parallel_size=1 (FSDP2 over gloo)",
+            "deepspeed": "on CPU use class_path lmlab.distributed.strategies.DeepSpeedZeRO (runs over gloo)",
+        }[info.kind]
+        raise ConfigError("trainer.strategy", f"{info.name} needs CUDA GPUs but {why}",
+                          f"{fix}; on a GPU machine set trainer.accelerator=gpu")
+    if info.kind == "deepspeed" and not on_gpu and cuda_available:
         raise ConfigError(
-            "trainer.strategy",
-            f"{info.name} needs CUDA GPUs but {why}",
-            "on CPU use experiments/strategies/ddp.yaml (gloo); on a GPU machine set trainer.accelerator=gpu",
+            "trainer.accelerator",
+            "DeepSpeed on the CPU while CUDA is visible: DeepSpeed would still place its engine on a GPU",
+            "set trainer.accelerator=gpu, or hide the GPUs with CUDA_VISIBLE_DEVICES=",
         )
     if wants_gpu and not cuda_available:
         raise ConfigError(
@@ -180,7 +190,7 @@ def validate_config(
         raise ConfigError(
             "trainer.strategy",
             "DeepSpeed is not installed",
-            "pip install deepspeed on the GPU machines, or use experiments/strategies/fsdp.yaml",
+            "pip install deepspeed, or use experiments/strategies/fsdp.yaml",
         )
 
     per_node = resolve_devices(trainer.get("devices", "auto"), on_gpu, gpu_count)

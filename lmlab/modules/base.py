@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from lmlab.distributed.hardware import detect_peak_flops
+from lmlab.distributed.hooks import offloads_optimizer
 from lmlab.errors import ConfigError
 from lmlab.models.checkpoint import load_backbone_weights, load_model_state
 from lmlab.models.config import TransformerConfig
@@ -88,7 +89,7 @@ class LMModuleBase(pl.LightningModule):
 
     # -- optimisation ---------------------------------------------------------------
     def configure_optimizers(self):
-        opt = build_optimizer(self.model, self.optimizer_config)
+        opt = build_optimizer(self.model, self.optimizer_config, cpu_offload=offloads_optimizer(self))
         max_steps = self.trainer.max_steps if self.trainer is not None and self.trainer.max_steps > 0 else None
         lr_lambda = make_lr_lambda(self.schedule_config, max_steps)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
@@ -116,6 +117,11 @@ class LMModuleBase(pl.LightningModule):
         opt = self.optimizers()
         sched = self.lr_schedulers()
         opt.step()
+        from lmlab.distributed.hooks import engine_grad_norm
+
+        norm = engine_grad_norm(self)
+        if norm is not None:
+            self._last_grad_norm = norm
         opt.zero_grad(set_to_none=True)
         if sched is not None:
             sched.step()

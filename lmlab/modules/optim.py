@@ -176,10 +176,20 @@ def param_groups(model: nn.Module, cfg: OptimizerConfig) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, cfg: OptimizerConfig, cpu_offload: bool = False) -> torch.optim.Optimizer:
+    """The configured optimizer over :func:`param_groups`.
+
+    ``cpu_offload``: the optimizer step runs on the host (DeepSpeed ZeRO-Offload),
+    so AdamW is DeepSpeed's vectorised ``DeepSpeedCPUAdam`` in AdamW mode, the same
+    update as ``torch.optim.AdamW`` (DeepSpeed refuses a torch optimizer there).
+    """
     groups = param_groups(model, cfg)
     if cfg.lr <= 0:
         raise ConfigError("model.optimizer.lr", f"must be positive, got {cfg.lr}")
+    if cfg.name == "adamw" and cpu_offload:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, adamw_mode=True)
     if cfg.name == "adamw":
         on_cuda = any(p.is_cuda for g in groups for p in g["params"])
         fused = on_cuda if cfg.fused is None else cfg.fused

@@ -38,6 +38,7 @@ from typing import Any, Callable, Literal, Optional, Union
 import torch
 from torch import nn
 
+from lmlab.distributed.hooks import offloads_optimizer
 from lmlab.errors import ConfigError
 from lmlab.models.checkpoint import load_backbone_weights, load_model_state
 from lmlab.models.config import TransformerConfig
@@ -492,7 +493,7 @@ class PPOModule(PostTrainModuleBase):
     # -- optimisation -----------------------------------------------------------------------------
     def configure_optimizers(self):
         # one optimizer, policy and value parameter groups; the value model may have its own peak LR
-        opt = build_optimizer(self.model, self.optimizer_config)
+        opt = build_optimizer(self.model, self.optimizer_config, cpu_offload=offloads_optimizer(self))
         value_lr = self.ppo_cfg.value_lr or self.optimizer_config.lr
         for group in param_groups(self.value_model, self.optimizer_config):
             opt.add_param_group({**group, "lr": value_lr})
