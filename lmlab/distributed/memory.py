@@ -285,7 +285,9 @@ def state_bytes(precision: str, deepspeed: bool = False) -> StateBytes:
     p = str(precision)
     low = "16" in p and p not in ("32", "32-true")
     if not low:
-        return StateBytes(4, 4, 8, 4)
+        # DeepSpeed's ZeRO optimizers keep their own fp32 master partition even when the module
+        # is fp32 (a clone, not the parameters), hence 12 optimizer bytes as in mixed precision
+        return StateBytes(4, 4, 12 if deepspeed else 8, 4)
     if "true" in p:
         # pure bf16/fp16: weights, grads and Adam moments all 16-bit, no master copy
         return StateBytes(2, 2, 4, 2)

@@ -200,7 +200,11 @@ def plan_memory(inp: PlanInput, search: bool = True) -> MemoryPlan:
     params = sb.weights * P / (shard if kind in STORE_SHARDED else 1)
     grads = sb.grads * P / (shard if kind in SHARD_GRADS else 1)
     step_counters = 0 if deepspeed else 4 * split.n_tensors  # torch AdamW: one fp32 step tensor per parameter
-    optimizer = (sb.optimizer * P + step_counters) / (shard if kind in SHARD_OPTIM else 1)
+    if kind == "fsdp2":
+        # per-parameter sharding: every rank's AdamW keeps a (replicated) step tensor for each DTensor
+        optimizer = sb.optimizer * P / shard + step_counters
+    else:
+        optimizer = (sb.optimizer * P + step_counters) / (shard if kind in SHARD_OPTIM else 1)
     host = 0.0
     if inp.offload:
         host, optimizer = optimizer, 0.0
