@@ -177,3 +177,12 @@ def test_gradient_bytes_per_rank_match_the_plan(run):
     for m in ranks:
         assert plan.grads <= m["grads"] <= plan.grads + slack, (name, m, slack)
     assert sum(m["grads"] for m in ranks) > 2 * plan.grads  # the straddlers do exist in this model
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run", [_layout_param("zero1")], indirect=True)
+def test_zero1_reduction_buckets_equal_the_plan(run):
+    name, plan, ranks, _ = run
+    # sized by DeepSpeed's bucket settings, not the model, in the gradients' dtype (fp32 here)
+    for m in ranks:
+        assert m["buckets"] == plan.extras["deepspeed buckets"], (name, m, plan.extras)

@@ -286,7 +286,10 @@ def state_bytes(precision: str, deepspeed: bool = False) -> StateBytes:
     low = "16" in p and p not in ("32", "32-true")
     if not low:
         # DeepSpeed's ZeRO optimizers keep their own fp32 master partition even when the module
-        # is fp32 (a clone, not the parameters), hence 12 optimizer bytes as in mixed precision
+        # is fp32 (a clone, not the parameters), hence 12 optimizer bytes as in mixed precision.
+        # (ZeRO-3 means to reuse fp32 partitions, but its check compares a torch.device with a
+        # string, never equal in recent torch, so it clones too; measured in
+        # tests/test_state_probe_sharded.py)
         return StateBytes(4, 4, 12 if deepspeed else 8, 4)
     if "true" in p:
         # pure bf16/fp16: weights, grads and Adam moments all 16-bit, no master copy

@@ -231,7 +231,8 @@ def plan_memory(inp: PlanInput, search: bool = True) -> MemoryPlan:
     if kind == "fsdp-grad-op" and shard > 1:
         extras["unsharded params kept to backward"] = compute_w * P
     if kind in ("zero1", "zero2") and inp.world_size > 1:
-        extras["deepspeed buckets"] = 2 * inp.deepspeed_bucket_elements
+        # in the gradients' dtype: 2 bytes an element under DeepSpeed's bf16/fp16, 4 at fp32
+        extras["deepspeed buckets"] = sb.grads * inp.deepspeed_bucket_elements
 
     autocast_cache = 0.0
     if _mixed(inp.precision) and not low_params:

@@ -210,4 +210,7 @@ class StateBytesMonitor(Callback):
                            on_step=True, on_epoch=False, rank_zero_only=True)
         if self.path is not None:
             os.makedirs(self.path, exist_ok=True)
-            Path(self.path, f"rank{trainer.global_rank}.json").write_text(json.dumps(self.result, indent=1))
+            final = Path(self.path, f"rank{trainer.global_rank}.json")
+            tmp = final.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(self.result, indent=1))
+            tmp.replace(final)
