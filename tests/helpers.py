@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import random
 from pathlib import Path
 
 import lightning.pytorch as pl
+import pytest
 
 WORDS = (
     "the cat sat on a mat while the dog ran in the park and a bird sang over the old tree "
@@ -71,3 +73,13 @@ class LossRecorder(pl.Callback):
         self.losses[int(batch["step"])] = float(outputs["loss"])
         if self.stop_at is not None and trainer.global_step >= self.stop_at:
             trainer.should_stop = True
+
+
+needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
+
+# CLI flags of a two-process CPU (gloo) run and the two layouts of experiments/strategies/fsdp2_tp.yaml on it
+CPU2 = ["--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.precision=32-true"]
+FSDP2 = ["--trainer.strategy.init_args.tensor_parallel_size=1", "--trainer.strategy.init_args.data_parallel_size=2",
+         "--trainer.strategy.init_args.param_dtype=float32"]
+TP2 = ["--trainer.strategy.init_args.tensor_parallel_size=2", "--trainer.strategy.init_args.data_parallel_size=1",
+       "--trainer.strategy.init_args.param_dtype=float32"]

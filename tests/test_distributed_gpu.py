@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import write_corpus
+from helpers import needs_deepspeed, write_corpus
 from test_cli import read_metric, run_cli, tiny_config
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -51,7 +50,7 @@ def test_fsdp_matches_ddp(corpus, tmp_path, ddp_losses, yaml_name):
         assert losses[step] == pytest.approx(value, abs=2e-3), (step, losses, ddp_losses)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
+@needs_deepspeed
 @pytest.mark.parametrize("yaml_name", ["deepspeed_zero2.yaml", "deepspeed_zero3.yaml"])
 def test_deepspeed_matches_ddp(corpus, tmp_path, ddp_losses, yaml_name):
     losses = _losses(corpus, tmp_path, yaml_name)

@@ -13,30 +13,22 @@ the strategy-aware accumulation and clipping hooks are what is compared:
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 
-from helpers import write_corpus
+from helpers import CPU2, FSDP2, TP2, needs_deepspeed, write_corpus
 from test_cli import read_metric, run_cli, tiny_config
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 STRATEGIES = REPO / "experiments" / "strategies"
-HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
-needs_deepspeed = pytest.mark.skipif(not HAS_DEEPSPEED, reason="deepspeed is not installed")
 
 STEPS = 6
 # clip well below the gradient norm (about 0.9 here) so clipping changes every update
 COMMON = {"trainer.max_steps": STEPS, "trainer.val_check_interval": STEPS,
           "data.init_args.micro_batch_size": 2, "model.init_args.gradient_clip_val": 0.2}
-CPU2 = ["--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.precision=32-true"]
-FSDP2 = ["--trainer.strategy.init_args.tensor_parallel_size=1", "--trainer.strategy.init_args.data_parallel_size=2",
-         "--trainer.strategy.init_args.param_dtype=float32"]
-TP2 = ["--trainer.strategy.init_args.tensor_parallel_size=2", "--trainer.strategy.init_args.data_parallel_size=1",
-       "--trainer.strategy.init_args.param_dtype=float32"]
 
 
 def _checkpoints(ckpt_dir: Path) -> list:

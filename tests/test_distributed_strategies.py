@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import pytest
 import torch
 import yaml
 
+from helpers import needs_deepspeed
 from lmlab.cli import main
 from lmlab.distributed.hooks import accumulation_context, clip_grad_norm, data_parallel_rank_and_size, engine_grad_norm
 from lmlab.distributed.validate import resolve_devices, strategy_info, validate_config
@@ -20,7 +20,6 @@ from lmlab.models.transformer import Block
 
 REPO = Path(__file__).resolve().parents[1]
 STRATEGY_YAMLS = sorted((REPO / "experiments" / "strategies").glob("*.yaml"))
-HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 
 EXPECTED = {
     "ddp.yaml": "lightning.pytorch.strategies.DDPStrategy",
@@ -98,7 +97,7 @@ def test_ddp_and_model_parallel_yamls_build():
     assert (mp._tensor_parallel_size, mp._data_parallel_size) == ("auto", "auto")
 
 
-@pytest.mark.skipif(not HAS_DEEPSPEED, reason="deepspeed is not installed (install it on GPU machines)")
+@needs_deepspeed
 def test_deepspeed_yamls_build_the_zero_config():
     for stage in (1, 2, 3):
         s = _build_strategy(REPO / "experiments" / "strategies" / f"deepspeed_zero{stage}.yaml")

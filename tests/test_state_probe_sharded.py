@@ -13,7 +13,6 @@ in every layout, not merely close.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -24,7 +23,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from helpers import write_corpus
+from helpers import CPU2, FSDP2, TP2, needs_deepspeed, write_corpus
 from lmlab.distributed.planner import PlanInput, plan_memory
 from lmlab.distributed.state_probe import StateBytesMonitor, measure_state_bytes
 from lmlab.models import CausalLM, TransformerConfig
@@ -33,14 +32,7 @@ from test_cli import run_cli, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 STRATEGIES = REPO / "experiments" / "strategies"
-HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
-needs_deepspeed = pytest.mark.skipif(not HAS_DEEPSPEED, reason="deepspeed is not installed")
 
-CPU2 = ["--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.precision=32-true"]
-FSDP2 = ["--trainer.strategy.init_args.tensor_parallel_size=1", "--trainer.strategy.init_args.data_parallel_size=2",
-         "--trainer.strategy.init_args.param_dtype=float32"]
-TP2 = ["--trainer.strategy.init_args.tensor_parallel_size=2", "--trainer.strategy.init_args.data_parallel_size=1",
-       "--trainer.strategy.init_args.param_dtype=float32"]
 # layout: (strategy YAML, CLI flags, planner strategy, TP degree)
 LAYOUTS = {
     "ddp": ("ddp.yaml", [], "ddp", 1),

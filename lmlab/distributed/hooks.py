@@ -34,7 +34,8 @@ def _strategy(module):
     return trainer.strategy if trainer is not None else None
 
 
-def _deepspeed_engine(strategy):
+def deepspeed_engine(strategy):
+    """The DeepSpeed engine a strategy trains through (``None`` for other strategies)."""
     model = getattr(strategy, "model", None) if strategy is not None else None
     if model is not None and type(model).__name__ in ("DeepSpeedEngine", "PipelineEngine"):
         return model
@@ -57,7 +58,7 @@ def accumulation_context(module, last: bool):
     strategy = _strategy(module)
     if strategy is None:
         return contextlib.nullcontext()
-    engine = _deepspeed_engine(strategy)
+    engine = deepspeed_engine(strategy)
     if engine is not None:
         # DeepSpeed accumulates across backward calls only when told the boundary is not reached
         engine.set_gradient_accumulation_boundary(bool(last))
@@ -121,7 +122,7 @@ def clip_grad_norm(module, max_norm: Optional[float], parameters: Optional[Itera
     ``parameters`` default to ``module.model.parameters()``.
     """
     strategy = _strategy(module)
-    engine = _deepspeed_engine(strategy)
+    engine = deepspeed_engine(strategy)
     if engine is not None:
         # the engine clips inside step() with its config's gradient_clipping and only knows the
         # norm afterwards: engine_grad_norm() reads it once the step is taken
@@ -145,7 +146,7 @@ def clip_grad_norm(module, max_norm: Optional[float], parameters: Optional[Itera
 
 def engine_grad_norm(module) -> Optional[torch.Tensor]:
     """The pre-clip global norm DeepSpeed computed in the step just taken (``None`` for other strategies)."""
-    engine = _deepspeed_engine(_strategy(module))
+    engine = deepspeed_engine(_strategy(module))
     if engine is None:
         return None
     norm = engine.get_global_grad_norm()

@@ -12,8 +12,8 @@ optimizer state the way the memory is actually held:
 
 Every distinct storage is counted once, with its full size (alignment padding
 included, since it is allocated), and a storage already counted as parameters
-is not counted again as optimizer state (ZeRO-3 reuses 32-bit parameter
-partitions as its master weights).
+is not counted again as optimizer state (should an fp32 ZeRO-3 partition
+double as its master weights, it counts once).
 
 :class:`StateBytesMonitor` runs the measurement in a training run.
 """
@@ -27,6 +27,8 @@ from typing import Any, Iterable, Iterator, Optional
 
 import torch
 from lightning.pytorch.callbacks import Callback
+
+from lmlab.distributed.hooks import deepspeed_engine
 
 __all__ = ["measure_state_bytes", "StateBytesMonitor"]
 
@@ -70,12 +72,6 @@ class _Counter:
             self.seen.add(key)
             total += storage.nbytes()
         return total
-
-
-def _deepspeed_engine(trainer) -> Any:
-    from lmlab.distributed.hooks import _deepspeed_engine as engine_of
-
-    return engine_of(getattr(trainer, "strategy", None))
 
 
 def _plain_optimizer(trainer) -> Optional[torch.optim.Optimizer]:
@@ -142,7 +138,7 @@ def measure_state_bytes(trainer, pl_module) -> dict:
     for ZeRO-3, ``gathered`` (full weights currently held outside the
     partitions); neither is included in the three model-state numbers.
     """
-    engine = _deepspeed_engine(trainer)
+    engine = deepspeed_engine(getattr(trainer, "strategy", None))
     if engine is not None:
         return _deepspeed_bytes(engine)
     count = _Counter()

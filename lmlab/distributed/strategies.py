@@ -80,7 +80,6 @@ class ModelParallel(ModelParallelStrategy):
             "activation_checkpointing": activation_checkpointing,
         }
 
-
     def optimizer_state(self, optimizer) -> dict[str, Any]:
         # checkpoints hold the Adam moments of fused q/k/v and gate/up rows in canonical order,
         # like the weights, so they resume at any TP degree; the live state keeps its layout

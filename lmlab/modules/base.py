@@ -18,7 +18,13 @@ import torch
 from torch import nn
 
 from lmlab.distributed.hardware import detect_peak_flops
-from lmlab.distributed.hooks import offloads_optimizer
+from lmlab.distributed.hooks import (
+    accumulation_context,
+    clip_grad_norm,
+    data_parallel_rank_and_size,
+    engine_grad_norm,
+    offloads_optimizer,
+)
 from lmlab.errors import ConfigError
 from lmlab.models.checkpoint import load_backbone_weights, load_model_state
 from lmlab.models.config import TransformerConfig
@@ -103,22 +109,16 @@ class LMModuleBase(pl.LightningModule):
 
     def accumulation_context(self, last: bool):
         """Reduce gradients only on the last micro-batch (DDP no_sync, FSDP2, DeepSpeed boundary)."""
-        from lmlab.distributed.hooks import accumulation_context
-
         return accumulation_context(self, last)
 
     def on_before_optimizer_step(self, optimizer) -> None:
         # Runs after fp16 unscaling and before the update: the norm here is the true global one.
-        from lmlab.distributed.hooks import clip_grad_norm
-
         self._last_grad_norm = clip_grad_norm(self, self.gradient_clip_val)
 
     def optimizer_update(self) -> None:
         opt = self.optimizers()
         sched = self.lr_schedulers()
         opt.step()
-        from lmlab.distributed.hooks import engine_grad_norm
-
         norm = engine_grad_norm(self)
         if norm is not None:
             self._last_grad_norm = norm
@@ -129,8 +129,6 @@ class LMModuleBase(pl.LightningModule):
     # -- logging helpers --------------------------------------------------------------
     def log_step_stats(self, tokens_this_step: int) -> None:
         """Learning rate, grad norm, tokens seen, throughput and MFU for the step just taken."""
-        from lmlab.distributed.hooks import data_parallel_rank_and_size
-
         now = time.perf_counter()
         world = self.trainer.world_size if self.trainer is not None else 1
         # tensor-parallel ranks share their data: tokens scale with data-parallel replicas only
