@@ -33,6 +33,11 @@ def write_corpus(root: Path, seed: int = 0) -> Path:
     return root
 
 
+def web_texts(corpus: Path) -> list[str]:
+    """The documents of the ``web.jsonl`` that :func:`write_corpus` wrote under ``corpus``."""
+    return [json.loads(line)["text"] for line in (corpus / "web.jsonl").read_text().splitlines()]
+
+
 def corpus_sources(root: Path) -> list:
     from lmlab.data import SourceConfig
 

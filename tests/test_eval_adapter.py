@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from helpers import write_corpus
+from helpers import web_texts, write_corpus
 from lmlab.data.tokenizer import train_bpe
 from lmlab.errors import ConfigError
 from lmlab.eval.adapter import LmlabLM
@@ -17,23 +17,16 @@ from lmlab.eval.harness import evaluate
 from lmlab.eval.protocol import LanguageModel
 from lmlab.models import CausalLM, TransformerConfig, generate, left_pad
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 VOCAB = 300  # padded to 320 inside the model: the 20 padding rows must never count
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models run fastest single-threaded, and the test machine is shared
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
     root = tmp_path_factory.mktemp("adapter")
     write_corpus(root / "corpus")
-    texts = [json.loads(line)["text"] for line in (root / "corpus" / "web.jsonl").read_text().splitlines()]
+    texts = web_texts(root / "corpus")
     return train_bpe(texts, VOCAB, root / "tok")
 
 

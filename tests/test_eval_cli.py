@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from helpers import corpus_sources, write_corpus
+from helpers import corpus_sources, web_texts, write_corpus
 from lmlab.cli import main as lmlab_main
 from lmlab.data import PretrainDataModule, TokenizerTrainConfig
 from lmlab.data.tokenizer import train_bpe
@@ -30,12 +30,7 @@ from lmlab.modules import OptimizerConfig, PretrainModule, ScheduleConfig
 WORDS = "the cat sat on a mat while the dog ran in the park".split()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models; the test machine is shared
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def write_tasks(root):
@@ -70,7 +65,7 @@ def write_tasks(root):
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("evalcli")
     write_corpus(root / "corpus")
-    texts = [json.loads(line)["text"] for line in (root / "corpus" / "web.jsonl").read_text().splitlines()]
+    texts = web_texts(root / "corpus")
     tok = train_bpe(texts, 320, root / "run" / "tokenizer")  # beside the checkpoint: found automatically
     torch.manual_seed(0)
     model = CausalLM(TransformerConfig(vocab_size=320, d_model=32, n_layers=2, n_heads=4, max_seq_len=64)).eval()

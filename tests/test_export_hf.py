@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from helpers import write_corpus
+from helpers import web_texts, write_corpus
 from lmlab.cli import main as lmlab_main
 from lmlab.data.chat import CHAT_TEMPLATE
 from lmlab.data.tokenizer import train_bpe
@@ -31,19 +31,14 @@ CONFIGS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models; the test machine is shared
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
 def tokdir(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
     write_corpus(root / "corpus")
-    texts = [json.loads(line)["text"] for line in (root / "corpus" / "web.jsonl").read_text().splitlines()]
+    texts = web_texts(root / "corpus")
     train_bpe(texts, VOCAB, root / "tok")
     return root / "tok"
 

@@ -2,33 +2,25 @@
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
 import torch
 
-from helpers import corpus_sources, write_corpus
+from helpers import corpus_sources, web_texts, write_corpus
 from lmlab.data.tokenizer import token_byte_lengths, train_bpe
 from lmlab.errors import ConfigError
 from lmlab.eval.perplexity import mixture_perplexity, perplexity, score_documents, split_stream, window_spans
 from lmlab.models import CausalLM, TransformerConfig
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models run fastest single-threaded, and the test machine is shared
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("ppl")
     write_corpus(root / "corpus")
-    texts = [json.loads(line)["text"] for line in (root / "corpus" / "web.jsonl").read_text().splitlines()]
+    texts = web_texts(root / "corpus")
     tok = train_bpe(texts, 300, root / "tok")
     return root, texts, tok
 
