@@ -20,13 +20,7 @@ from lmlab.modules.sft import SFTModule, sft_token_stats
 from helpers import make_trainer
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny models on a shared CPU: one thread avoids oversubscription stalls
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
