@@ -114,7 +114,8 @@ class Approach3Fit:
 def law_from_theta(theta: np.ndarray) -> ChinchillaLaw:
     """Unpack (a, b, e, alpha, beta) into a :class:`ChinchillaLaw`."""
     a, b, e, alpha, beta = (float(v) for v in theta)
-    return ChinchillaLaw(E=float(np.exp(e)), A=float(np.exp(a)), B=float(np.exp(b)), alpha=alpha, beta=beta)
+    with np.errstate(over="ignore"):  # a runaway bootstrap refit gives A or B = inf: an unbounded interval, not an error
+        return ChinchillaLaw(E=float(np.exp(e)), A=float(np.exp(a)), B=float(np.exp(b)), alpha=alpha, beta=beta)
 
 
 def theta_from_law(law: ChinchillaLaw) -> np.ndarray:
