@@ -1,4 +1,4 @@
-"""Deterministic stand-in models for testing the harness without a network or GPU.
+"""Deterministic stand-in models for the harness tests (no network or GPU).
 
 :class:`FunctionModel` answers with plain Python functions and records every
 call, so a test can construct a model with known preferences (always the gold

@@ -6,8 +6,8 @@ import random
 
 import pytest
 
+from fakes import FunctionModel
 from lmlab.eval.batching import LengthSortedBatcher, default_length, run_length_sorted
-from lmlab.eval.fakes import FunctionModel
 from lmlab.eval.harness import run_task
 from lmlab.eval.tasks import task_from_rows
 

@@ -9,7 +9,7 @@ from collections import Counter
 
 import pytest
 
-from lmlab.eval.fakes import FunctionModel
+from fakes import FunctionModel
 from lmlab.eval.harness import evaluate, run_task
 from lmlab.eval.tasks import task_from_rows
 

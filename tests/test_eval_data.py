@@ -95,7 +95,8 @@ def test_data_dir_from_environment(shared_data, monkeypatch):
     assert resolve_data_dir() == shared_data / "eval"
     assert len(load_task("hellaswag").docs) == 4
     monkeypatch.delenv("LMLAB_EVAL_DATA")
-    assert resolve_data_dir().as_posix() == "../shared/data/eval"
+    assert resolve_data_dir().as_posix() == "data/eval"  # the documented default, under the working directory
+    assert resolve_data_dir(shared_data / "eval") == shared_data / "eval"  # an explicit folder wins over the variable
 
 
 def test_task_texts_yield_every_item_with_its_answer(shared_data):

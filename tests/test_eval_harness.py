@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lmlab.eval.fakes import FunctionModel
+from fakes import FunctionModel
 from lmlab.eval.harness import evaluate
 from lmlab.eval.protocol import LanguageModel
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from fakes import FunctionModel
 from lmlab.errors import ConfigError
 from lmlab.eval.data import DataWarning
-from lmlab.eval.fakes import FunctionModel
 from lmlab.eval.harness import evaluate
 from lmlab.eval.spec import parse_spec
 from lmlab.eval.tasks import list_tasks, load_spec, load_task

@@ -8,7 +8,7 @@ import statistics
 import numpy as np
 import pytest
 
-from lmlab.eval.fakes import FunctionModel
+from fakes import FunctionModel
 from lmlab.eval.harness import run_task
 from lmlab.eval.tasks import task_from_rows
 

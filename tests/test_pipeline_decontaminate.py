@@ -185,3 +185,13 @@ def test_real_eval_sets(shared_data):
     ][:100]
     _, report = decontaminate([{"id": i, "source": "dclm", "text": r["text"]} for i, r in enumerate(rows)], index)
     assert report.n_docs == 100 and report.n_contaminated == 0
+
+
+def test_decontamination_reads_the_eval_data_setting(tmp_path, monkeypatch):
+    from lmlab.data.pipeline.config import DecontamSettings
+
+    monkeypatch.delenv("LMLAB_EVAL_DATA", raising=False)
+    assert DecontamSettings().eval_path().as_posix() == "data/eval"  # the documented default, as for lmlab eval
+    monkeypatch.setenv("LMLAB_EVAL_DATA", str(tmp_path / "evals"))
+    assert DecontamSettings().eval_path() == tmp_path / "evals"
+    assert DecontamSettings(eval_dir=str(tmp_path / "mine")).eval_path() == tmp_path / "mine"  # an explicit folder wins

@@ -53,7 +53,7 @@ class EvalCallback(pl.Callback):
         tasks: task names (or YAML paths), a list or a comma-separated string.
         every_n_steps: evaluate when ``global_step`` is a multiple of this.
         limit: first N docs per task (or a fraction); keep it small, it runs often.
-        data_dir: task data directory (default ``$LMLAB_EVAL_DATA`` or ``../shared/data/eval``).
+        data_dir: task data directory (default ``$LMLAB_EVAL_DATA``, else ``data/eval``).
         num_fewshot: override every task's few-shot count.
         batch_size: requests per forward pass.
         max_length: longest model input (default: the model's ``max_seq_len``).

@@ -29,7 +29,9 @@ from lmlab.eval.transforms import TRANSFORMS
 
 ENV_DATA_DIR = "LMLAB_EVAL_DATA"
 ENV_ONLINE = "LMLAB_EVAL_ONLINE"
-DEFAULT_DATA_DIR = Path("..") / "shared" / "data" / "eval"
+#: Where task data is looked for when neither ``data_dir`` nor ``$LMLAB_EVAL_DATA`` names a
+#: folder: ``data/eval`` under the working directory.
+DEFAULT_DATA_DIR = Path("data") / "eval"
 SPLIT_AWARE_FORMATS = ("mmlu_tar",)
 _MMLU_LETTERS = "ABCD"
 
@@ -57,11 +59,15 @@ class DocSet:
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
-    """``data_dir`` if given, else ``$LMLAB_EVAL_DATA``, else ``../shared/data/eval`` from the cwd."""
-    if data_dir is not None:
-        return Path(data_dir)
-    env = os.environ.get(ENV_DATA_DIR)
-    return Path(env) if env else DEFAULT_DATA_DIR
+    """The evaluation-data folder: ``data_dir`` if given, else ``$LMLAB_EVAL_DATA``, else ``data/eval``.
+
+    One setting serves ``lmlab eval``, the :class:`~lmlab.eval.callback.EvalCallback`
+    and the data pipeline's decontamination stage, so they read the same sets.
+    ``~`` is expanded; a relative path is relative to the working directory.
+    """
+    if data_dir is None:
+        data_dir = os.environ.get(ENV_DATA_DIR) or DEFAULT_DATA_DIR
+    return Path(os.path.expanduser(data_dir))
 
 
 def resolve_online(online: bool | None) -> bool:

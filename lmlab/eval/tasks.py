@@ -77,7 +77,7 @@ def load_task(
 ) -> Task:
     """Load a task and its data.
 
-    ``data_dir`` defaults to ``$LMLAB_EVAL_DATA``, else ``../shared/data/eval``;
+    ``data_dir`` defaults to ``$LMLAB_EVAL_DATA``, else ``data/eval``;
     ``online`` (default ``$LMLAB_EVAL_ONLINE``) allows falling back to the hub
     when the local file is missing. ``num_fewshot`` overrides the spec's count.
     """

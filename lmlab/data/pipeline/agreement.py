@@ -16,7 +16,7 @@ counting half). For the filter stack the binary decision is itself a score
 (its AUC equals balanced accuracy); the "soft" score is the number of filters
 passed.
 
-Run ``python -m lmlab.data.pipeline.agreement [DATA_DIR]`` for the table.
+Run ``python -m lmlab.data.pipeline.agreement DATA_DIR`` for the table.
 """
 
 from __future__ import annotations
@@ -249,8 +249,11 @@ def format_report(report: dict) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    data_dir = Path(argv[0]) if argv else Path(__file__).resolve().parents[4] / "shared" / "data"
-    print(format_report(agreement_report(data_dir)))
+    if len(argv) != 1:
+        print("usage: python -m lmlab.data.pipeline.agreement DATA_DIR  (the folder holding the DCLM annotation files)",
+              file=sys.stderr)
+        return 2
+    print(format_report(agreement_report(Path(argv[0]))))
     return 0
 
 

@@ -20,7 +20,7 @@ sections (every key optional except ``sources``)::
       code: [code]
     quality: {weights: {perplexity: 0.7, diversity: 0.15, safety: 0.15}, keep_fraction: 0.8, apply_to: [web]}
     dedup: {exact: true, near: true, threshold: 0.8}
-    decontaminate: {eval_dir: ../shared/data/eval, drop: true}
+    decontaminate: {eval_dir: data/eval, drop: true}
 
 A training experiment YAML (``model``/``trainer``/``data``) is accepted too:
 its ``data.init_args`` gives the sources, tokenizer, validation fraction and
@@ -49,6 +49,7 @@ from lmlab.data.pipeline.normalize import NormalizeConfig
 from lmlab.data.sources import SourceConfig
 from lmlab.data.tokenizer import TokenizerTrainConfig
 from lmlab.errors import ConfigError
+from lmlab.eval.data import resolve_data_dir
 
 SOURCE_TYPES = ("files", "hf", "stdlib", "warc", "html")
 KINDS = ("prose", "code")
@@ -210,17 +211,22 @@ class DecontamSettings:
 
     Args:
         enabled: Check documents at all.
-        eval_dir: Folder of evaluation files (see :mod:`lmlab.data.pipeline.eval_sets`).
+        eval_dir: Folder of evaluation files (see :mod:`lmlab.data.pipeline.eval_sets`);
+            unset, the one ``lmlab eval`` reads: ``$LMLAB_EVAL_DATA``, else ``data/eval``.
         n: N-gram length.
         min_item_tokens: Shorter evaluation items are skipped.
         drop: Remove contaminated documents (else only report them).
     """
 
     enabled: bool = True
-    eval_dir: str = "../shared/data/eval"
+    eval_dir: Optional[str] = None
     n: int = 13
     min_item_tokens: int = 8
     drop: bool = True
+
+    def eval_path(self) -> Path:
+        """The evaluation-data folder this stage reads (see :func:`lmlab.eval.data.resolve_data_dir`)."""
+        return resolve_data_dir(self.eval_dir)
 
 
 @dataclass
@@ -438,8 +444,8 @@ def from_training_yaml(data: Mapping[str, Any], stem: str) -> dict:
         out["out"] = str(p.parent)
     else:
         out["out"] = f".lmlab_cache/prepared/{stem}"
-    if not Path(os.path.expanduser(DecontamSettings.eval_dir)).is_dir():
-        # a training YAML cannot name an eval folder; without the default one, skip the check
+    if not DecontamSettings().eval_path().is_dir():
+        # a training YAML cannot name an eval folder; without the configured one, skip the check
         out["decontaminate"] = {"enabled": False}
     return out
 

@@ -47,6 +47,7 @@ from lmlab.data.pipeline.engine import (
     stable_hash,
 )
 from lmlab.errors import ConfigError
+from lmlab.eval.data import ENV_DATA_DIR
 
 #: Models and indexes built once per process and shared by the stages that need them.
 _MEMO: dict[tuple[str, str], Any] = {}
@@ -452,10 +453,13 @@ def load_minhash(result: StageResult) -> np.ndarray:
 # -- decontaminate --------------------------------------------------------------------------------------
 
 
-def eval_fingerprint(eval_dir: str) -> list:
-    p = Path(os.path.expanduser(eval_dir))
+def eval_fingerprint(p: Path) -> list:
     if not p.is_dir():
-        raise ConfigError("decontaminate.eval_dir", f"{eval_dir} is not a directory", "point it at the evaluation data folder, or set decontaminate.enabled: false")
+        raise ConfigError(
+            "decontaminate.eval_dir",
+            f"{p} is not a directory",
+            f"point it (or ${ENV_DATA_DIR}) at the evaluation data folder, or set decontaminate.enabled: false",
+        )
     return [[f.name, f.stat().st_size, int(f.stat().st_mtime)] for f in sorted(p.iterdir()) if f.is_file()]
 
 
@@ -467,7 +471,7 @@ class DecontaminateStage(_DownstreamStage):
 
     def index_key(self) -> str:
         d = self.cfg.decontaminate
-        return stable_hash(eval_fingerprint(d.eval_dir), d.n, d.min_item_tokens)
+        return stable_hash(eval_fingerprint(d.eval_path()), d.n, d.min_item_tokens)
 
     def key(self) -> str:
         return stable_hash("decontaminate", ENGINE_VERSION, self.upstream_key, self.index_key())
@@ -479,7 +483,7 @@ class DecontaminateStage(_DownstreamStage):
         return _memo(
             "eval_index",
             self.index_key(),
-            lambda: ContaminationIndex.from_eval_dir(os.path.expanduser(d.eval_dir), d.n, d.min_item_tokens),
+            lambda: ContaminationIndex.from_eval_dir(d.eval_path(), d.n, d.min_item_tokens),
         )
 
     def process(self, index: Any, task: ShardTask) -> dict:
