@@ -40,7 +40,7 @@ def _lightning_cli_class():
         """LightningCLI with lmlab's compute-budget derivation and defaults."""
 
         def add_arguments_to_parser(self, parser) -> None:
-            from lmlab.budget import ComputeBudget
+            from lmlab.scaling.budget import ComputeBudget
 
             parser.add_class_arguments(ComputeBudget, "budget")
 
@@ -55,7 +55,7 @@ def _lightning_cli_class():
                 raise
 
         def before_instantiate_classes(self) -> None:
-            from lmlab.budget import apply_budget
+            from lmlab.scaling.budget import apply_budget
 
             from lmlab.distributed.validate import validate_config
 

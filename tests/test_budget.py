@@ -7,9 +7,10 @@ import math
 import pytest
 from jsonargparse import Namespace
 
-from lmlab.budget import apply_budget, chinchilla_optimal, shape_for_params
 from lmlab.errors import ConfigError
 from lmlab.models import TransformerConfig, count_params
+from lmlab.scaling.budget import apply_budget
+from lmlab.scaling.plan import chinchilla_rule, shape_for_params
 
 
 def parsed(**budget):
@@ -25,17 +26,17 @@ def parsed(**budget):
 
 def test_chinchilla_rule_satisfies_both_constraints():
     for c in (1e15, 5.76e23):
-        n, d = chinchilla_optimal(c)
+        n, d = chinchilla_rule(c)
         assert d == pytest.approx(20 * n)
         assert 6 * n * d == pytest.approx(c)
     with pytest.raises(ConfigError, match="budget.compute"):
-        chinchilla_optimal(-1)
+        apply_budget(parsed(compute=-1))
 
 
 def test_compute_budget_sets_shape_and_steps(capsys):
     cfg = parsed(compute=1e17)
     apply_budget(cfg)
-    n, d = chinchilla_optimal(1e17)
+    n, d = chinchilla_rule(1e17)
     mc = cfg.model.init_args.config
     built = TransformerConfig(vocab_size=32000, n_layers=mc.n_layers, d_model=mc.d_model, n_heads=mc.n_heads)
     assert abs(count_params(built).non_embedding - n) / n < 0.15
@@ -48,7 +49,7 @@ def test_params_and_tokens_can_be_named_directly():
     cfg = parsed(params=1e6, tokens=512 * 32 * 40)
     apply_budget(cfg)
     assert cfg.trainer.max_steps == 40
-    assert cfg.model.init_args.config.d_model == shape_for_params(1e6)["d_model"]
+    assert cfg.model.init_args.config.d_model == shape_for_params(1e6).d_model
     cfg = parsed(compute=6 * 1e6 * 1e8, params=1e6)  # D follows as C / 6N
     apply_budget(cfg)
     assert cfg.trainer.max_steps == round(1e8 / (512 * 32))

@@ -9,9 +9,10 @@ import torch
 
 from lmlab.errors import ConfigError
 from lmlab.models import CausalLM, PRESETS, ScalarModel, TransformerConfig, count_params, generate, left_pad, preset
-from lmlab.models.counting import flops_per_token, matmul_params, pf_days, training_flops
+from lmlab.models.counting import flops_per_token, matmul_params, training_flops
 from lmlab.models.generation import filter_logits
 from lmlab.models.transformer import documents_from_eos, positions_from_documents
+from lmlab.scaling.plan import pf_days
 
 CONFIGS = [
     dict(vocab_size=97, d_model=32, n_layers=2, n_heads=4),

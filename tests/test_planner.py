@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from lmlab.distributed.hardware import lookup_device_memory, parse_bytes
 from lmlab.distributed.memory import act_dtypes, activation_terms, activations, param_split
-from lmlab.distributed.planner import PlanInput, largest_micro_batch, plan_compute, plan_memory
+from lmlab.distributed.planner import PlanInput, estimate_compute, largest_micro_batch, plan_memory
 from lmlab.distributed.planner_cli import main as plan_main
 from lmlab.errors import ConfigError
 from lmlab.models import CausalLM, TransformerConfig, count_params, preset
@@ -105,10 +105,10 @@ def test_activation_formula_closed_form_for_the_common_block():
 
 def test_gpt3_175b_compute_matches_the_paper():
     cfg = preset("gpt3-175b")
-    comp = plan_compute(cfg, 300e9, 2048, "6n")
+    comp = estimate_compute(cfg, 300e9, 2048, "6n")
     assert comp.pf_days == pytest.approx(3640, rel=0.01)  # Brown et al. 2020, Table D.1
     assert comp.flops == pytest.approx(6 * 300e9 * 174.6e9, rel=0.01)
-    timed = plan_compute(cfg, 300e9, 2048, "6n", devices=1000, peak_flops_per_device=1e15, mfu=0.5)
+    timed = estimate_compute(cfg, 300e9, 2048, "6n", devices=1000, peak_flops_per_device=1e15, mfu=0.5)
     assert timed.seconds == pytest.approx(comp.flops / (1000 * 1e15 * 0.5))
     assert timed.days == pytest.approx(comp.pf_days / 500)
 

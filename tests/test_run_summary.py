@@ -13,9 +13,10 @@ from helpers import corpus_sources, write_corpus
 from lmlab.data import PretrainDataModule, TokenizerTrainConfig
 from lmlab.loggers import WandbLogger
 from lmlab.models import TransformerConfig
-from lmlab.models.counting import PF_DAY, count_params, training_flops
+from lmlab.models.counting import count_params, training_flops
 from lmlab.modules import OptimizerConfig, PretrainModule, ScheduleConfig
 from lmlab.scaling import load_results
+from lmlab.scaling.plan import PF_DAY
 from lmlab.scaling.run_summary import CSV_COLUMNS, RESULT_ENV, RunSummary, append_csv, append_jsonl
 
 

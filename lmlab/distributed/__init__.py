@@ -18,7 +18,7 @@ _EXPORTS = {
     "split_stages": "lmlab.distributed.pipeline",
     "PlanInput": "lmlab.distributed.planner",
     "plan_memory": "lmlab.distributed.planner",
-    "plan_compute": "lmlab.distributed.planner",
+    "estimate_compute": "lmlab.distributed.planner",
     "ModelParallel": "lmlab.distributed.strategies",
     "DeepSpeedZeRO": "lmlab.distributed.strategies",
 }

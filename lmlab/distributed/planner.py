@@ -8,9 +8,12 @@ When the configuration does not fit it tries the usual remedies one at a time
 (activation checkpointing, a higher ZeRO stage, a smaller micro-batch, more
 TP, optimizer offload) and lists those that would.
 
-:func:`plan_compute` gives training FLOPs from :mod:`lmlab.models.counting`
-(the one definition the backbone uses), PF-days, and wall-clock time on N
-accelerators at a given model FLOPs utilisation.
+:func:`estimate_compute` gives a configuration's training FLOPs from
+:mod:`lmlab.models.counting` (the one definition the backbone uses), and its
+PF-days and wall-clock time on N accelerators at a given model FLOPs
+utilisation through :func:`lmlab.scaling.plan.pf_days` and
+:func:`~lmlab.scaling.plan.wall_seconds` (the compute-optimal
+:func:`~lmlab.scaling.plan.plan_compute` of a FLOP budget uses the same).
 
 The peak is modeled as::
 
@@ -39,7 +42,8 @@ from lmlab.distributed.memory import (
 )
 from lmlab.errors import ConfigError
 from lmlab.models.config import TransformerConfig
-from lmlab.models.counting import FlopConvention, flops_per_token, pf_days
+from lmlab.models.counting import FlopConvention, flops_per_token
+from lmlab.scaling.plan import SECONDS_PER_DAY, pf_days, wall_seconds
 
 STRATEGIES = ("single", "ddp", "zero1", "zero2", "zero3", "fsdp", "fsdp-grad-op", "fsdp-hybrid", "fsdp2")
 SHARD_PARAMS = ("zero3", "fsdp", "fsdp-hybrid", "fsdp2")  # parameters gathered per block for compute
@@ -335,8 +339,8 @@ _STRATEGY_YAML = {
 
 # -- compute -------------------------------------------------------------------------------
 @dataclass
-class ComputePlan:
-    """Training FLOPs and wall-clock time at a given utilisation."""
+class ComputeEstimate:
+    """A configuration's training FLOPs and wall-clock time at a given utilisation."""
 
     flops_per_token: float
     tokens: float
@@ -350,13 +354,13 @@ class ComputePlan:
 
     @property
     def days(self) -> Optional[float]:
-        return None if self.seconds is None else self.seconds / 86400.0
+        return None if self.seconds is None else self.seconds / SECONDS_PER_DAY
 
     def as_dict(self) -> dict:
         return {**dataclasses.asdict(self), "days": self.days}
 
 
-def plan_compute(
+def estimate_compute(
     config: TransformerConfig,
     tokens: float,
     seq_len: Optional[int] = None,
@@ -364,7 +368,7 @@ def plan_compute(
     devices: int = 1,
     peak_flops_per_device: Optional[float] = None,
     mfu: float = 0.4,
-) -> ComputePlan:
+) -> ComputeEstimate:
     """FLOPs = flops_per_token x tokens; time = FLOPs / (devices x peak x MFU)."""
     if not 0 < mfu <= 1:
         raise ConfigError("--mfu", f"must be in (0, 1], got {mfu}")
@@ -372,8 +376,9 @@ def plan_compute(
     total = fpt * float(tokens)
     seconds = None
     if peak_flops_per_device:
-        seconds = total / (devices * peak_flops_per_device * mfu)
-    return ComputePlan(fpt, float(tokens), total, pf_days(total), devices, peak_flops_per_device, mfu, seconds, convention)
+        # no tokens (no max_steps in the config): nothing to time
+        seconds = wall_seconds(total, devices, peak_flops_per_device, mfu) if total > 0 else 0.0
+    return ComputeEstimate(fpt, float(tokens), total, pf_days(total), devices, peak_flops_per_device, mfu, seconds, convention)
 
 
 # -- formatting ----------------------------------------------------------------------------------
@@ -386,7 +391,7 @@ def fmt_bytes(n: Optional[float]) -> str:
     return f"{n:,.0f} B"
 
 
-def format_plan(mem: MemoryPlan, comp: Optional[ComputePlan] = None) -> str:
+def format_plan(mem: MemoryPlan, comp: Optional[ComputeEstimate] = None) -> str:
     """The human-readable table ``lmlab plan`` prints."""
     inp = mem.input
     cfg = inp.config

@@ -18,7 +18,7 @@ import sys
 from typing import Any, Optional
 
 from lmlab.distributed.hardware import lookup_device_memory, lookup_peak_flops, parse_bytes
-from lmlab.distributed.planner import STRATEGIES, PlanInput, format_plan, plan_compute, plan_memory
+from lmlab.distributed.planner import STRATEGIES, PlanInput, estimate_compute, format_plan, plan_memory
 from lmlab.distributed.validate import resolve_devices, strategy_info
 from lmlab.errors import ConfigError
 from lmlab.models.config import TransformerConfig
@@ -58,7 +58,7 @@ def _apply_budget(cfg: dict) -> dict:
     try:
         from jsonargparse import dict_to_namespace
 
-        from lmlab.budget import apply_budget
+        from lmlab.scaling.budget import apply_budget
 
         ns = dict_to_namespace(cfg)
         with contextlib.redirect_stdout(sys.stderr):
@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def make_plan(args: argparse.Namespace) -> tuple:
-    """(MemoryPlan, ComputePlan) from parsed ``lmlab plan`` arguments."""
+    """(MemoryPlan, ComputeEstimate) from parsed ``lmlab plan`` arguments."""
     cfg = _apply_budget(load_configs(args.config)) if args.config else {}
     trainer = cfg.get("trainer") or {}
     model = _init(cfg.get("model"))
@@ -186,7 +186,7 @@ def make_plan(args: argparse.Namespace) -> tuple:
         steps = trainer.get("max_steps")
         tokens = float(steps) * float(batch) * seq_len if steps and steps > 0 and batch else 0.0
     peak = args.peak_flops or model.get("peak_flops_per_device") or lookup_peak_flops(args.accelerator, precision)
-    comp = plan_compute(config, tokens, seq_len, convention, world, peak, args.mfu)
+    comp = estimate_compute(config, tokens, seq_len, convention, world, peak, args.mfu)
     return mem, comp
 
 

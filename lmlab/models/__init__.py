@@ -1,7 +1,7 @@
 """The transformer backbone, its heads, generation and FLOP/parameter counts."""
 
 from lmlab.models.config import PRESETS, TransformerConfig, preset
-from lmlab.models.counting import ParamCounts, count_params, flops_per_token, pf_days, training_flops
+from lmlab.models.counting import ParamCounts, count_params, flops_per_token, training_flops
 from lmlab.models.generation import GenerationOutput, generate, left_pad
 from lmlab.models.heads import CausalLM, ScalarModel
 from lmlab.models.transformer import KVCache, Transformer
@@ -13,7 +13,6 @@ __all__ = [
     "ParamCounts",
     "count_params",
     "flops_per_token",
-    "pf_days",
     "training_flops",
     "GenerationOutput",
     "generate",

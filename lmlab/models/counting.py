@@ -25,7 +25,6 @@ from typing import Literal
 from lmlab.models.config import TransformerConfig
 
 FlopConvention = Literal["6n", "kaplan", "palm"]
-PF_DAY = 1e15 * 86400
 
 
 @dataclass(frozen=True)
@@ -88,8 +87,3 @@ def training_flops(
 ) -> float:
     """Total training FLOPs for ``tokens`` tokens."""
     return flops_per_token(config, seq_len, convention) * float(tokens)
-
-
-def pf_days(flops: float) -> float:
-    """Petaflop/s-days: FLOPs / (1e15 * 86400)."""
-    return flops / PF_DAY

@@ -3,6 +3,8 @@
 * :func:`plan_compute` applies a fitted :class:`~lmlab.scaling.law.ChinchillaLaw`
   (default: Besiroglu et al. 2024's replication of Chinchilla approach 3) to a
   FLOP budget and converts the budget into PF-days and wall-clock time.
+* :func:`pf_days` and :func:`wall_seconds` are the one FLOPs-to-PF-days and
+  FLOPs-to-wall-time conversion of lmlab (run summaries and ``lmlab plan`` use them).
 * :func:`chinchilla_rule` is the rule of thumb D = 20 N with C = 6 N D, so
   N = sqrt(C / 120).
 * :func:`shape_for_params` turns a non-embedding parameter count into
@@ -20,8 +22,9 @@ from lmlab.errors import ConfigError
 from lmlab.scaling.law import EPOCH_2024, ChinchillaLaw
 from lmlab.scaling.results import FLOPS_PER_PARAM_TOKEN
 
+SECONDS_PER_DAY = 86400.0
 #: One petaFLOP/s sustained for a day.
-PF_DAY = 1e15 * 86400.0
+PF_DAY = 1e15 * SECONDS_PER_DAY
 #: Dense BF16 peak of one NVIDIA H100 SXM, FLOP/s.
 H100_PEAK_FLOPS = 989e12
 
@@ -48,7 +51,7 @@ class ComputePlan:
     @property
     def days(self) -> float:
         """Wall-clock days at the given accelerator count, peak FLOP/s and MFU."""
-        return self.seconds / 86400.0
+        return self.seconds / SECONDS_PER_DAY
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready fields plus tokens_per_param, hours and days."""

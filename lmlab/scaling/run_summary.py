@@ -46,7 +46,8 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from lmlab.models.counting import count_params, pf_days, training_flops
+from lmlab.models.counting import count_params, training_flops
+from lmlab.scaling.plan import pf_days
 
 #: Environment variable naming a file that receives this run's record as one JSON object.
 RESULT_ENV = "LMLAB_RUN_RESULT"

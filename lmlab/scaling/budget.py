@@ -12,11 +12,11 @@ shape with about N non-embedding parameters from the size ladder, sets
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional
 
 from lmlab.errors import ConfigError
+from lmlab.scaling.plan import chinchilla_rule, shape_for_params
 
 
 @dataclass
@@ -42,25 +42,6 @@ class ComputeBudget:
     head_dim: int = 64
 
 
-def chinchilla_optimal(compute: float, tokens_per_param: float = 20.0) -> tuple[float, float]:
-    """(N, D) with C = 6 N D and D = tokens_per_param * N."""
-    if compute <= 0 or tokens_per_param <= 0:
-        raise ConfigError("budget.compute", f"must be positive, got {compute}")
-    n = math.sqrt(compute / (6.0 * tokens_per_param))
-    return n, tokens_per_param * n
-
-
-def shape_for_params(n_params: float, head_dim: int = 64) -> dict:
-    """A (n_layers, d_model, n_heads) whose 12 * L * d^2 is close to ``n_params``.
-
-    Delegates to the scaling size ladder (:func:`lmlab.scaling.plan.shape_for_params`).
-    """
-    from lmlab.scaling.plan import shape_for_params as ladder
-
-    shape = ladder(n_params, head_dim=head_dim)
-    return {"n_layers": int(shape.n_layers), "d_model": int(shape.d_model), "n_heads": int(shape.n_heads)}
-
-
 def apply_budget(cfg) -> None:
     """Mutate a parsed LightningCLI config (a jsonargparse Namespace) in place."""
     budget = cfg.get("budget")
@@ -74,8 +55,10 @@ def apply_budget(cfg) -> None:
     rule = ""
     if compute is not None:
         compute = float(compute)
+        if compute <= 0:
+            raise ConfigError("budget.compute", f"must be positive, got {compute}")
         if n is None and d is None:
-            n, d = chinchilla_optimal(compute, float(budget.get("tokens_per_param", 20.0)))
+            n, d = chinchilla_rule(compute, float(budget.get("tokens_per_param", 20.0)))
             rule = f" (D = {budget.get('tokens_per_param', 20.0)} N, C = 6 N D)"
         elif n is None:
             n = compute / (6.0 * float(d))
@@ -87,7 +70,8 @@ def apply_budget(cfg) -> None:
     if n is not None:
         if float(n) <= 0:
             raise ConfigError("budget.params", f"must be positive, got {n}")
-        shape = shape_for_params(float(n), int(budget.get("head_dim", 64)))
+        ladder = shape_for_params(float(n), head_dim=int(budget.get("head_dim", 64)))
+        shape = {"n_layers": ladder.n_layers, "d_model": ladder.d_model, "n_heads": ladder.n_heads}
         model_cfg = cfg.model.init_args.config if "init_args" in cfg.model else cfg.model.config
         for key, value in shape.items():
             model_cfg[key] = value
