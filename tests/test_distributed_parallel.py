@@ -146,7 +146,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     # -- pipeline: two stages with torch.distributed.pipelining's GPipe schedule ----------------------
     from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
 
-    from lmlab.distributed.pipeline import split_stages
+    from lmlab.distributed.pipeline_parallel import split_stages
 
     torch.manual_seed(0)
     cfg = TransformerConfig(**CONFIGS["mha_swiglu_rope"])

@@ -1,4 +1,4 @@
-"""Distributed training: strategies, the 2-D parallel plan, pipeline stages, validation, and the memory planner.
+"""Distributed training: strategies, the 2-D parallel plan, pipeline-parallel stages, validation, and the memory planner.
 
 Submodules load lazily (``lmlab.distributed.hardware`` is imported by every
 training module and must stay cheap).
@@ -15,7 +15,7 @@ _EXPORTS = {
     "clip_grad_norm": "lmlab.distributed.hooks",
     "data_parallel_rank_and_size": "lmlab.distributed.hooks",
     "validate_config": "lmlab.distributed.validate",
-    "split_stages": "lmlab.distributed.pipeline",
+    "split_stages": "lmlab.distributed.pipeline_parallel",
     "PlanInput": "lmlab.distributed.planner",
     "plan_memory": "lmlab.distributed.planner",
     "estimate_compute": "lmlab.distributed.planner",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmlab.distributed.pipeline import balance_layers, split_stages
+from lmlab.distributed.pipeline_parallel import balance_layers, split_stages
 from lmlab.models import CausalLM, ScalarModel, TransformerConfig
 
 
