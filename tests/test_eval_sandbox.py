@@ -1,7 +1,13 @@
-"""The code sandbox: correct code passes, and wrong, hanging, greedy or nosy code does not."""
+"""The code sandbox: correct code passes, and wrong, hanging, greedy, nosy or hostile code does not.
+
+The adversarial suite at the end runs attack programs and checks the host side: no file appeared
+outside the sandbox, no process survived, no connection or datagram arrived at the test's listeners.
+"""
 
 from __future__ import annotations
 
+import json
+import os
 import socket
 import subprocess
 import sys
@@ -11,17 +17,16 @@ from pathlib import Path
 
 import pytest
 
-from lmlab.eval.sandbox import Limits, Status, network_isolation_method, run_program, run_programs, unshare_available
+from lmlab.errors import ConfigError
+from lmlab.eval import sandbox
+from lmlab.eval.sandbox import Limits, Status, isolation, run_program, run_programs, sandbox_problem
 
 FAST = Limits(timeout_s=2.0, memory_mb=512)
 
-NETWORK_MODES = [
-    pytest.param("preamble", id="preamble"),
-    pytest.param("unshare", id="unshare",
-                 marks=pytest.mark.skipif(not unshare_available(), reason="unshare --net not permitted here")),
-]
+needs_sandbox = pytest.mark.skipif(sandbox_problem() is not None, reason=f"no sandbox: {sandbox_problem()}")
 
 
+@needs_sandbox
 def test_correct_solution_passes_and_wrong_one_fails():
     ok = run_program("def add(a, b):\n    return a + b\nassert add(2, 3) == 5\nprint('done')", FAST)
     assert ok.status is Status.PASSED and ok.passed and ok.stdout.strip() == "done"
@@ -31,6 +36,7 @@ def test_correct_solution_passes_and_wrong_one_fails():
     assert run_program("raise SystemExit(3)", FAST).reason == "exit status 3"
 
 
+@needs_sandbox
 def test_infinite_loop_times_out_within_the_limit():
     start = time.monotonic()
     result = run_program("while True:\n    pass", Limits(timeout_s=1.0))
@@ -39,6 +45,7 @@ def test_infinite_loop_times_out_within_the_limit():
     assert elapsed < 1.0 + 2.0  # killed promptly, not left running
 
 
+@needs_sandbox
 def test_sleeping_program_is_stopped_by_the_wall_clock():
     # uses no CPU, so only the wall-clock timeout (process-group kill) can stop it
     result = run_program("import time\ntime.sleep(60)", Limits(timeout_s=0.5))
@@ -46,6 +53,7 @@ def test_sleeping_program_is_stopped_by_the_wall_clock():
     assert result.duration_s < 3.0
 
 
+@needs_sandbox
 def test_memory_bomb_is_stopped():
     bomb = "blocks = []\nwhile True:\n    blocks.append(bytearray(64 * 1024 * 1024))"
     result = run_program(bomb, Limits(timeout_s=10.0, memory_mb=256))
@@ -79,8 +87,8 @@ def local_server():
     server.close()
 
 
-@pytest.mark.parametrize("network", NETWORK_MODES)
-def test_socket_connect_is_blocked(local_server, network):
+@needs_sandbox
+def test_socket_connect_is_blocked(local_server):
     program = (
         "import socket\n"
         f"s = socket.create_connection(('127.0.0.1', {local_server}), timeout=2)\n"
@@ -89,12 +97,14 @@ def test_socket_connect_is_blocked(local_server, network):
     # control: outside the sandbox the same program connects, so the test can fail
     control = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=20)
     assert control.returncode == 0 and "connected" in control.stdout
-    result = run_program(program, FAST, network=network)
+    result = run_program(program, FAST)
     assert result.status is Status.FAILED and "connected" not in result.stdout
-    assert result.network_isolation == network
-    assert ("PermissionError" in result.reason) if network == "preamble" else ("Error" in result.reason)
+    assert result.isolation == "bwrap"
+    # the sandbox's 127.0.0.1 is its own, empty loopback: refused by the kernel, not by a Python guard
+    assert "ConnectionRefusedError" in result.reason
 
 
+@needs_sandbox
 def test_reading_files_outside_the_temp_dir_is_blocked():
     assert Path("/etc/passwd").read_text()  # readable to us, so the block is the sandbox's doing
     for program in (
@@ -106,9 +116,11 @@ def test_reading_files_outside_the_temp_dir_is_blocked():
     ):
         result = run_program(program, FAST)
         assert result.status is Status.FAILED, program
-        assert "PermissionError" in result.reason and "root:" not in result.stdout
+        # the host's files are not in the sandbox's file system at all
+        assert "FileNotFoundError" in result.reason and "root:" not in result.stdout
 
 
+@needs_sandbox
 def test_working_directory_is_private_and_writable():
     program = (
         "import os\n"
@@ -122,6 +134,7 @@ def test_working_directory_is_private_and_writable():
     assert not Path(first.stdout.strip()).exists()  # and removed afterwards
 
 
+@needs_sandbox
 def test_environment_is_scrubbed_and_stdin_closed(monkeypatch):
     monkeypatch.setenv("LMLAB_SANDBOX_SECRET", "hunter2")
     program = (
@@ -132,11 +145,14 @@ def test_environment_is_scrubbed_and_stdin_closed(monkeypatch):
     assert run_program(program, FAST).passed
 
 
-def test_starting_processes_is_blocked():
+@needs_sandbox
+def test_host_programs_cannot_be_started():
+    assert Path("/usr/bin/true").exists() or Path("/bin/true").exists()  # there for us, absent in the sandbox
     result = run_program("import subprocess\nsubprocess.run(['true'])", FAST)
-    assert result.status is Status.FAILED and "PermissionError" in result.reason
+    assert result.status is Status.FAILED and "FileNotFoundError" in result.reason
 
 
+@needs_sandbox
 def test_run_programs_keeps_order_and_isolates_failures():
     sources = ["print(1)", "while True: pass", "assert False", "print(4)"]
     results = run_programs(sources, Limits(timeout_s=1.5), workers=2)
@@ -144,8 +160,50 @@ def test_run_programs_keeps_order_and_isolates_failures():
     assert results[3].stdout.strip() == "4"
 
 
-def test_network_isolation_method_reports_what_is_used():
-    assert network_isolation_method("auto") == ("unshare" if unshare_available() else "preamble")
-    assert network_isolation_method("preamble") == "preamble"
-    with pytest.raises(ValueError):
-        network_isolation_method("off")
+def test_isolation_reports_what_is_used():
+    if sandbox_problem() is None:
+        assert isolation() == "bwrap" and isolation(allow_unsandboxed=True) == "bwrap"
+    else:
+        assert isolation(allow_unsandboxed=True) == "none"
+
+
+@pytest.fixture
+def no_sandbox(monkeypatch):
+    """Pretend bubblewrap is missing."""
+    monkeypatch.setattr(sandbox, "sandbox_problem", lambda: "bubblewrap (bwrap) is not installed")
+
+
+def test_without_a_sandbox_nothing_runs_unless_acknowledged(no_sandbox, tmp_path):
+    canary = tmp_path / "ran"
+    program = f"open({str(canary)!r}, 'w').write('x')"
+    with pytest.raises(ConfigError) as err:
+        run_program(program, FAST)
+    message = str(err.value)
+    assert message.startswith("allow_unsandboxed: refusing to execute model-written code without a sandbox")
+    assert "bwrap" in message and "\n" not in message
+    with pytest.raises(ConfigError):
+        run_programs([program], FAST)
+    assert not canary.exists()  # refused before anything ran
+    result = run_program(program, FAST, allow_unsandboxed=True)
+    assert result.passed and result.isolation == "none" and canary.read_text() == "x"
+
+
+def test_evaluate_refuses_code_tasks_before_model_work(no_sandbox, tmp_path):
+    from lmlab.eval.fakes import FunctionModel
+    from lmlab.eval.harness import evaluate
+
+    calls = []
+    spec = tmp_path / "toy_code.yaml"
+    spec.write_text(json.dumps({  # JSON is YAML
+        "name": "toy_code", "type": "code", "data": {"path": "rows.jsonl"}, "doc_to_text": "{prompt}",
+        "answer": "test", "target_delimiter": "", "generation": {"max_new_tokens": 16, "stop": []},
+        "code": {"program": "{prompt}{completion}\n{test}\n", "timeout_s": 2.0, "memory_mb": 256, "num_samples": 1},
+        "metrics": ["pass@1"],
+    }))
+    (tmp_path / "rows.jsonl").write_text('{"prompt": "x = ", "test": "assert x == 1"}\n')
+    model = FunctionModel(generate_fn=lambda prompt: calls.append(prompt) or "1")
+    with pytest.raises(ConfigError, match="^allow_unsandboxed: refusing"):
+        evaluate(model, [str(spec)], data_dir=tmp_path, progress=False)
+    assert calls == []  # refused before the model generated anything
+    out = evaluate(model, [str(spec)], data_dir=tmp_path, progress=False, allow_unsandboxed=True)
+    assert out["results"]["toy_code"]["pass@1"] == 1.0 and out["config"]["allow_unsandboxed"] is True
