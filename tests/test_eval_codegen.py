@@ -91,3 +91,16 @@ def test_humaneval_canonical_solutions_pass_and_broken_ones_fail(shared_data, tm
     assert out["results"]["humaneval"]["pass@1"] == 0.0
     lines = (tmp_path / "samples_humaneval.jsonl").read_text().splitlines()
     assert [json.loads(line)["statuses"] for line in lines] == [["passed"]] * 3
+
+
+@pytest.mark.slow
+@pytest.mark.shared_data
+def test_every_humaneval_canonical_solution_passes_in_the_sandbox(shared_data):
+    # the sandbox changes no pass@k: all 164 reference solutions still pass (as before the OS sandbox)
+    with gzip.open(shared_data / "eval" / "HumanEval.jsonl.gz", "rt", encoding="utf-8") as fh:
+        problems = [json.loads(line) for line in fh]
+    solutions = {p["prompt"]: p["canonical_solution"] for p in problems}
+    out = evaluate(FunctionModel(generate_fn=lambda prompt: solutions[prompt]), ["humaneval"],
+                   data_dir=shared_data / "eval", progress=False)
+    assert out["results"]["humaneval"]["n"] == len(problems) == 164
+    assert out["results"]["humaneval"]["pass@1"] == 1.0
