@@ -11,7 +11,11 @@ import pytest
 
 from fakes import FunctionModel
 from lmlab.eval.harness import evaluate, run_task
+from lmlab.eval.sandbox import sandbox_problem
 from lmlab.eval.tasks import task_from_rows
+
+# code tasks refuse to execute without the OS sandbox (tests/test_eval_sandbox.py covers the refusal)
+pytestmark = pytest.mark.skipif(sandbox_problem() is not None, reason=f"no sandbox: {sandbox_problem()}")
 
 CODE_SPEC = {
     "name": "toy_code", "type": "code", "data": {"path": "unused.jsonl"},
@@ -68,8 +72,9 @@ def test_pass_at_k_over_executed_samples():
     statuses = records[0].log["statuses"]
     assert statuses == ["passed", "passed", "failed", "timed_out"]  # the hang is recorded, the run goes on
     assert records[0].log["completions"][1] == "    return x + x"  # cut at the stop string
-    assert records[1].log["statuses"][2] == "failed" and "PermissionError" in records[1].log["reasons"][2]
-    assert records[2].log["network_isolation"] in ("unshare", "preamble")
+    # /etc/passwd is not in the sandbox's file system at all
+    assert records[1].log["statuses"][2] == "failed" and "FileNotFoundError" in records[1].log["reasons"][2]
+    assert records[2].log["isolation"] == "bwrap"
 
 
 @pytest.mark.shared_data
@@ -86,3 +91,16 @@ def test_humaneval_canonical_solutions_pass_and_broken_ones_fail(shared_data, tm
     assert out["results"]["humaneval"]["pass@1"] == 0.0
     lines = (tmp_path / "samples_humaneval.jsonl").read_text().splitlines()
     assert [json.loads(line)["statuses"] for line in lines] == [["passed"]] * 3
+
+
+@pytest.mark.slow
+@pytest.mark.shared_data
+def test_every_humaneval_canonical_solution_passes_in_the_sandbox(shared_data):
+    # the sandbox changes no pass@k: all 164 reference solutions still pass (as before the OS sandbox)
+    with gzip.open(shared_data / "eval" / "HumanEval.jsonl.gz", "rt", encoding="utf-8") as fh:
+        problems = [json.loads(line) for line in fh]
+    solutions = {p["prompt"]: p["canonical_solution"] for p in problems}
+    out = evaluate(FunctionModel(generate_fn=lambda prompt: solutions[prompt]), ["humaneval"],
+                   data_dir=shared_data / "eval", progress=False)
+    assert out["results"]["humaneval"]["n"] == len(problems) == 164
+    assert out["results"]["humaneval"]["pass@1"] == 1.0

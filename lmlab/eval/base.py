@@ -44,6 +44,8 @@ class Task(ABC):
     type_name: ClassVar[str]
     #: which ``LanguageModel`` method answers this task's requests
     request_kind: ClassVar[str]  # "loglikelihood" | "generate"
+    #: whether scoring runs model-written code (then the harness checks for the sandbox first)
+    executes_code: ClassVar[bool] = False
     #: how a per-doc metric is aggregated when not by the mean (metric name -> function)
     aggregations: ClassVar[dict[str, Callable[[Sequence[float]], float]]] = {}
 

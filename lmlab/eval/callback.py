@@ -61,6 +61,8 @@ class EvalCallback(pl.Callback):
         at_train_end: also evaluate after the last step (if not just done).
         output_dir: if set, write each evaluation's ``results.json`` / samples under ``<output_dir>/step_<N>``.
         seed: few-shot sampling and bootstrap seed.
+        allow_unsandboxed: run code tasks' model-written programs even where the OS sandbox
+            (bubblewrap) is unavailable; without it such tasks refuse to execute code.
     """
 
     def __init__(
@@ -76,6 +78,7 @@ class EvalCallback(pl.Callback):
         at_train_end: bool = True,
         output_dir: Optional[str] = None,
         seed: int = 1234,
+        allow_unsandboxed: bool = False,
     ):
         super().__init__()
         names = [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else [str(t) for t in tasks]
@@ -99,6 +102,7 @@ class EvalCallback(pl.Callback):
         self.at_train_end = at_train_end
         self.output_dir = output_dir
         self.seed = seed
+        self.allow_unsandboxed = allow_unsandboxed
         self.history: list[dict[str, Any]] = []
         self._last_step: Optional[int] = None
         self._tok = None
@@ -149,7 +153,7 @@ class EvalCallback(pl.Callback):
                 with torch.no_grad(), trainer.precision_plugin.forward_context():
                     out = evaluate(lm, self.tasks, data_dir=self.data_dir, limit=self.limit,
                                    num_fewshot=self.num_fewshot, batch_size=self.batch_size, seed=self.seed,
-                                   output_dir=out_dir, progress=False)
+                                   output_dir=out_dir, progress=False, allow_unsandboxed=self.allow_unsandboxed)
             finally:
                 model.train(was_training)
             metrics = flatten_results(out["results"])

@@ -7,7 +7,8 @@ template (HumanEval: prompt + completion + the test + ``check(entry_point)``)
 and run in :mod:`lmlab.eval.sandbox`. With ``c`` of ``n`` samples passing,
 ``pass@k = 1 - C(n-c, k) / C(n, k)`` (Chen et al. 2021), averaged over problems.
 A completion that hangs, exhausts memory or touches the file system or network
-is a failed sample; the run goes on.
+is a failed sample; the run goes on. Without the sandbox nothing is executed
+unless ``allow_unsandboxed`` is set (see :func:`lmlab.eval.sandbox.isolation`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ class CodeTask(Task):
 
     type_name = "code"
     request_kind = "generate"
+    executes_code = True
+    #: the user's acknowledgement to run completions without the OS sandbox where it is unavailable
+    allow_unsandboxed = False
 
     @property
     def code(self) -> CodeSpec:
@@ -67,7 +71,8 @@ class CodeTask(Task):
         programs = [self.program(d, c) for d, cs in zip(docs, completions) for c in cs]
         limits = Limits(timeout_s=self.code.timeout_s, memory_mb=self.code.memory_mb)
         with tqdm(total=len(programs), desc=f"{self.name} (execute)", unit="prog", disable=not progress) as bar:
-            results = run_programs(programs, limits, workers=self.code.workers, on_done=lambda: bar.update(1))
+            results = run_programs(programs, limits, workers=self.code.workers,
+                                   allow_unsandboxed=self.allow_unsandboxed, on_done=lambda: bar.update(1))
         records, i = [], 0
         for doc, reqs, comps in zip(docs, requests, completions):
             outcomes = results[i : i + len(comps)]
@@ -80,7 +85,7 @@ class CodeTask(Task):
                 "completions": comps,
                 "statuses": [o.status.value for o in outcomes],
                 "reasons": [o.reason for o in outcomes],
-                "network_isolation": outcomes[0].network_isolation if outcomes else "",
+                "isolation": outcomes[0].isolation if outcomes else "",
                 "num_passed": c,
                 "prediction": comps[0] if comps else "",
                 "correct": c > 0,

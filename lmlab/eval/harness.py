@@ -26,6 +26,7 @@ from lmlab.eval.batching import run_length_sorted
 from lmlab.eval.data import Doc, resolve_data_dir, resolve_online
 from lmlab.eval.protocol import LanguageModel
 from lmlab.eval.results import atomic_write_json, atomic_write_jsonl
+from lmlab.eval.sandbox import isolation
 from lmlab.eval.tasks import load_task
 
 RESULTS_FILE = "results.json"
@@ -44,6 +45,7 @@ def evaluate(
     online: bool | None = None,
     progress: bool = True,
     bootstrap_iters: int = 1000,
+    allow_unsandboxed: bool = False,
 ) -> dict[str, Any]:
     """Evaluate ``model`` on the named tasks (built-in names or YAML paths); return the results dict.
 
@@ -53,6 +55,9 @@ def evaluate(
     ``results.json`` holds: ``results[task]`` maps metric names (lm-eval style:
     ``acc``, ``acc_stderr``, ``exact_match,strict-match``, ``pass@1``) to values,
     plus ``n``, ``num_fewshot``, ``skipped_rows`` and ``subtasks`` where defined.
+    Code tasks execute model-written programs in the OS sandbox
+    (:mod:`lmlab.eval.sandbox`); where it is unavailable they refuse with a
+    ``ConfigError`` before any model work, unless ``allow_unsandboxed`` is True.
     """
     if not isinstance(model, LanguageModel):
         raise TypeError(f"{type(model).__name__} lacks loglikelihood()/generate(); see lmlab.eval.protocol")
@@ -71,12 +76,15 @@ def evaluate(
         if task.name in seen:
             raise ConfigError("tasks", f"task {task.name!r} is listed twice", "list each task once")
         seen.add(task.name)
+    if any(task.executes_code for task in loaded):
+        isolation(allow_unsandboxed)  # refuse before any model work
 
     results: dict[str, Any] = {}
     samples: dict[str, list[dict]] = {}
     for task in loaded:
         docs = _apply_limit(task.docs, limit)
-        records = run_task(model, task, docs, batch_size=batch_size, progress=progress)
+        records = run_task(model, task, docs, batch_size=batch_size, progress=progress,
+                           allow_unsandboxed=allow_unsandboxed)
         entry = task.aggregate(records, bootstrap_iters)
         entry.update(num_fewshot=task.num_fewshot, skipped_rows=task.skipped_rows, source=task.source)
         groups = task.aggregate_groups(records, bootstrap_iters)
@@ -97,6 +105,7 @@ def evaluate(
             "seed": seed,
             "online": is_online,
             "bootstrap_iters": bootstrap_iters,
+            "allow_unsandboxed": allow_unsandboxed,
         },
         "task_specs": {t.name: dataclasses.asdict(t.spec) for t in loaded},
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -112,9 +121,16 @@ def evaluate(
 
 
 def run_task(
-    model: LanguageModel, task: Task, docs: list[Doc], *, batch_size: int = 32, progress: bool = False
+    model: LanguageModel, task: Task, docs: list[Doc], *, batch_size: int = 32, progress: bool = False,
+    allow_unsandboxed: bool = False,
 ) -> list[SampleRecord]:
-    """Build, run and score all requests of ``task`` over ``docs``; one record per doc."""
+    """Build, run and score all requests of ``task`` over ``docs``; one record per doc.
+
+    ``allow_unsandboxed``: see :func:`evaluate`.
+    """
+    if task.executes_code:
+        isolation(allow_unsandboxed)
+        task.allow_unsandboxed = allow_unsandboxed  # type: ignore[attr-defined]
     requests = [task.build_requests(d) for d in docs]
     flat = [r for rs in requests for r in rs]
     answers = _run_requests(model, task, flat, batch_size, progress)

@@ -1,40 +1,49 @@
-"""Run untrusted generated code in a separate, limited process.
+"""Run untrusted, model-written code isolated by the operating system.
 
-Each program runs in its own ``subprocess`` with:
+Each program runs under bubblewrap (``bwrap``), which builds the sandbox from
+kernel namespaces; nothing here relies on patching Python inside the child.
 
-* a fresh temporary directory as working directory, deleted afterwards;
-* ``resource`` limits set in ``preexec_fn`` (between fork and exec): CPU
-  seconds (``RLIMIT_CPU``), address space (``RLIMIT_AS``), file size
-  (``RLIMIT_FSIZE``, which also caps captured output) and no core dumps;
-* a wall-clock timeout; on expiry the whole process group (the child runs in a
-  new session) is killed with ``SIGKILL``, so forked helpers die too;
-* a scrubbed environment (only ``PATH``, ``HOME``/``TMPDIR`` = the temp dir and
-  a UTF-8 locale), Python's isolated mode (``-I``: no ``PYTHON*`` variables,
-  no user site, no cwd on ``sys.path``) and stdin connected to ``/dev/null``;
-* no network. Where ``unshare --net`` works (Linux, root or user namespaces;
-  checked once per process with ``unshare --net true``), the program runs in a
-  new, empty network namespace: the kernel enforces it. Otherwise a Python
-  preamble replaces ``socket.socket`` (and the DNS helpers) with versions that
-  raise ``PermissionError`` -- best effort only. ``ExecResult.network_isolation``
-  records which one was used ("unshare" or "preamble").
+* New PID, network, IPC, UTS and (where possible) cgroup namespaces. The
+  network namespace has only its own loopback device: no TCP, UDP, DNS or
+  abstract unix socket reaches the host (127.0.0.1 is the sandbox's own). The PID namespace's init is bwrap;
+  when the program's main process exits (or bwrap is killed), the kernel kills
+  every process left in the namespace, so ``fork`` + ``setsid``, double forks
+  and daemon threads cannot outlive the run.
+* A new mount namespace whose root is an empty tmpfs holding, read-only, only
+  what the interpreter needs: the system's shared libraries (``/usr/lib*``),
+  the Python executable, its standard library and its ``LIBDIR``. There is no
+  ``/etc``, no home directory, no project checkout, no shell, no ``/usr/bin``;
+  ``/proc`` shows only the sandbox's own processes, ``/dev`` only the harmless
+  devices. The only writable place is a private, size-limited tmpfs at
+  ``/tmp`` that holds the working directory and disappears with the sandbox.
+* The program runs with no capabilities, ``no_new_privs``, in its own terminal
+  session, with a cleared environment (``PATH``, ``HOME``/``TMPDIR`` = the
+  working directory, a UTF-8 locale) and stdin on ``/dev/null``. As root the
+  sandbox drops to an unused user id (one per run, via ``setpriv``), so it owns
+  no host file and the process limit applies to it; as any other user the
+  sandbox also gets a user namespace with further namespaces disabled.
+* ``resource`` limits, set between fork and exec so bwrap and everything it
+  starts inherit them: CPU seconds, address space, file size (which also caps
+  the captured stdout/stderr), open files, processes/threads, no core dumps.
+* A wall-clock timeout. On expiry the whole process group of bwrap is killed
+  with ``SIGKILL``; bwrap's ``--die-with-parent`` takes the namespace with it.
 
-In every case a best-effort preamble also blocks ``open``/``os.open`` and the
-file-manipulating ``os`` functions on paths outside the temp dir (reads of the
-Python installation stay allowed, so imports work) and blocks starting or
-signalling processes. These guards are Python-level: code using ``ctypes`` or a
-C extension can bypass them. They stop accidents and casual escapes, not a
-determined attacker; for hostile code run the whole evaluation in a container
-or VM (note that as root the process could also raise its own hard limits).
+Where bwrap is missing or the kernel refuses the namespaces, nothing runs
+unless the caller passes ``allow_unsandboxed=True``; then programs run as a
+plain limited subprocess (temporary working directory, rlimits, process-group
+kill, scrubbed environment) that does NOT contain hostile code.
+:func:`sandbox_problem` says why the sandbox is unavailable.
 
 Outcomes: ``passed`` (exit status 0), ``failed`` (the program raised -- a failed
-assertion, ``MemoryError`` at the memory limit, ``PermissionError`` from a
-guard -- or exited non-zero), ``timed_out`` (wall-clock or CPU limit) and
-``error`` (the process was killed by a signal, hit the file-size limit, or could
-not be started). Every outcome carries a one-line ``reason``.
+assertion, ``MemoryError`` at the memory limit, an ``OSError`` from something
+the sandbox lacks -- or exited non-zero), ``timed_out`` (wall-clock or CPU
+limit) and ``error`` (the process was killed by a signal, hit the file-size
+limit, or could not be started). Every outcome carries a one-line ``reason``.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import resource
@@ -42,7 +51,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -50,6 +61,18 @@ from dataclasses import dataclass
 from enum import Enum
 from functools import lru_cache, partial
 from pathlib import Path
+
+from lmlab.errors import ConfigError
+
+BWRAP = "bwrap"
+SANDBOXED = "bwrap"
+UNSANDBOXED = "none"
+
+# As root the program runs under a user id no host account uses: it owns no file, and the
+# kernel counts its processes against RLIMIT_NPROC (uid 0 is exempt from that limit).
+_UID_BASE = 0x70000000
+_uid_counter = itertools.count()
+_uid_lock = threading.Lock()
 
 
 class Status(str, Enum):
@@ -66,15 +89,18 @@ class Limits:
     """Resource limits for one program."""
 
     timeout_s: float = 3.0  # wall clock, including interpreter start-up
-    memory_mb: int = 1024  # address space
+    memory_mb: int = 1024  # address space, per process
     cpu_s: int | None = None  # default: the wall-clock timeout rounded up
     max_file_mb: int = 16  # any file written, stdout/stderr included
     output_chars: int = 4000  # how much of stdout/stderr to keep in the result
+    max_processes: int = 16  # processes and threads of the program together
+    max_open_files: int = 64
+    tmpfs_mb: int = 64  # the sandbox's only writable file system
 
 
 @dataclass(frozen=True)
 class ExecResult:
-    """The outcome of one sandboxed run."""
+    """The outcome of one run; ``isolation`` is "bwrap" (sandboxed) or "none"."""
 
     status: Status
     reason: str
@@ -82,7 +108,7 @@ class ExecResult:
     duration_s: float
     stdout: str = ""
     stderr: str = ""
-    network_isolation: str = ""
+    isolation: str = ""
 
     @property
     def passed(self) -> bool:
@@ -90,140 +116,99 @@ class ExecResult:
         return self.status is Status.PASSED
 
 
-@lru_cache(maxsize=1)
-def unshare_available() -> bool:
-    """Whether ``unshare --net`` can create a network namespace here (probed once)."""
-    exe = shutil.which("unshare")
-    if exe is None:
-        return False
-    try:
-        probe = subprocess.run(
-            [exe, "--net", "true"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL, timeout=10, check=False,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return False
-    return probe.returncode == 0
+def _python() -> str:
+    # the base interpreter: a virtual environment's python is a link into a tree the sandbox does not show
+    exe = getattr(sys, "_base_executable", None) or sys.executable or shutil.which("python3") or "python3"
+    return os.path.realpath(exe)
 
 
-def network_isolation_method(network: str = "auto") -> str:
-    """The isolation :func:`run_program` uses for ``network``: "unshare" or "preamble"."""
-    if network not in ("auto", "unshare", "preamble"):
-        raise ValueError(f"network must be auto, unshare or preamble, not {network!r}")
-    if network == "auto":
-        return "unshare" if unshare_available() else "preamble"
-    if network == "unshare" and not unshare_available():
-        raise RuntimeError("unshare --net is not available on this machine")
-    return network
+def _read_only_paths() -> list[str]:
+    """Host paths the sandbox shows read-only: shared libraries, the interpreter, its standard library."""
+    base = {"base": sys.base_prefix, "installed_base": sys.base_prefix,
+            "platbase": sys.base_exec_prefix, "installed_platbase": sys.base_exec_prefix}
+    stdlib = sysconfig.get_paths(vars=base)  # the base interpreter's, not a virtual environment's
+    wanted = ["/usr/lib", "/usr/lib64", "/usr/lib32", "/lib", "/lib64", "/lib32", _python(),
+              stdlib["stdlib"], stdlib["platstdlib"], sysconfig.get_config_var("LIBDIR") or ""]
+    if os.geteuid() == 0:
+        wanted.append(shutil.which("setpriv") or "/usr/bin/setpriv")
+    paths: list[str] = []
+    for p in wanted:
+        if not p or not os.path.lexists(p):
+            continue
+        p = os.path.abspath(p)
+        if not any(p == q or p.startswith(q.rstrip("/") + "/") for q in paths):
+            paths.append(p)
+    return paths
 
 
-# The guard preamble runs inside the child before the program. It is plain source text
-# (not imported from lmlab) so the child needs nothing but the standard library.
-GUARD_PREAMBLE = r'''
-def _lmlab_install_guards(root, block_sockets):
-    import builtins, io, os, sys
-    import _posixsubprocess
+def _mount_args(paths: Sequence[str]) -> list[str]:
+    args: list[str] = []
+    made: set[str] = set()
 
-    root = os.path.realpath(root)
-    read_roots = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix,
-                                                 sys.base_exec_prefix) if p}
-    read_roots |= {os.path.realpath(p) for p in sys.path if p and os.path.isdir(p)}
-    read_roots = tuple(r for r in read_roots if r != os.sep)
-    devices = {"/dev/null", "/dev/zero", "/dev/random", "/dev/urandom"}
+    def ensure_parents(path: str) -> None:
+        # bwrap would create missing parents as 0700, which an unprivileged user id cannot traverse
+        parts = Path(path).parent.parts[1:]
+        for i in range(len(parts)):
+            d = "/" + "/".join(parts[: i + 1])
+            if d not in made:
+                made.add(d)
+                args.extend(["--perms", "0755", "--dir", d])
 
-    def inside(path, base):
-        return path == base or path.startswith(base.rstrip(os.sep) + os.sep)
+    for p in paths:
+        if os.path.islink(p) and os.path.dirname(p) == "/":
+            args.extend(["--symlink", os.readlink(p), p])  # merged /usr: /lib -> usr/lib
+            continue
+        real = os.path.realpath(p)
+        ensure_parents(real)
+        args.extend(["--ro-bind", real, real])
+        made.add(real)
+    return args
 
-    def check(path, write):
-        if isinstance(path, int):
-            return  # an already-open descriptor
+
+def _sandbox_command(argv: Sequence[str], work: str, program: Path, env: dict[str, str],
+                     limits: Limits) -> tuple[list[str], int | None]:
+    """The bwrap command line running ``argv`` in ``work``; and the user id it runs as (root only)."""
+    bwrap = shutil.which(BWRAP) or BWRAP
+    cmd = [bwrap, "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
+           "--die-with-parent", "--new-session", "--hostname", "sandbox", "--clearenv"]
+    for key, value in env.items():
+        cmd.extend(["--setenv", key, value])
+    cmd.extend(_mount_args(_read_only_paths()))
+    cmd.extend(["--proc", "/proc", "--dev", "/dev",
+                "--perms", "1777", "--size", str(limits.tmpfs_mb * 1024 * 1024), "--tmpfs", "/tmp"])
+    parts = Path(work).parts[2:]  # work is /tmp/<name>/work
+    for i in range(len(parts)):
+        cmd.extend(["--perms", "0777", "--dir", "/tmp/" + "/".join(parts[: i + 1])])
+    cmd.extend(["--ro-bind", str(program), f"{work}/program.py", "--chdir", work])
+    uid = None
+    if os.geteuid() == 0:
+        with _uid_lock:
+            uid = _UID_BASE + ((os.getpid() & 0xFFFF) << 8) + (next(_uid_counter) & 0xFF)
+        cmd.extend(["--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID", "--",
+                    shutil.which("setpriv") or "/usr/bin/setpriv", f"--reuid={uid}", f"--regid={uid}",
+                    "--clear-groups", "--inh-caps=-all", "--bounding-set=-all"])
+    else:
+        cmd.extend(["--unshare-user", "--disable-userns", "--cap-drop", "ALL", "--"])
+    return cmd + list(argv), uid
+
+
+def _tasks_of(uid: int) -> int:
+    """How many processes and threads ``uid`` runs now (RLIMIT_NPROC counts them all)."""
+    count = 0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
         try:
-            name = os.fsdecode(os.fspath(path))
-        except TypeError:
-            return  # not a path: the real call raises its own error
-        full = os.path.realpath(name)
-        if inside(full, root) or full in devices:
-            return
-        if not write and any(inside(full, r) for r in read_roots):
-            return
-        raise PermissionError(13, "sandbox: access outside the working directory is blocked", name)
-
-    real_open = builtins.open
-
-    def guarded_open(file, mode="r", *args, **kwargs):
-        check(file, any(c in mode for c in "wax+"))
-        return real_open(file, mode, *args, **kwargs)
-
-    builtins.open = io.open = guarded_open
-
-    real_os_open = os.open
-    write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
-
-    def guarded_os_open(path, flags, mode=0o777, *, dir_fd=None):
-        if dir_fd is None or os.path.isabs(os.fsdecode(path)):
-            check(path, bool(flags & write_flags))
-        return real_os_open(path, flags, mode, dir_fd=dir_fd)
-
-    os.open = guarded_os_open
-
-    def guard(name, write, nargs=1):
-        real = getattr(os, name, None)
-        if real is None:
-            return
-
-        def wrapper(*args, **kwargs):
-            for p in args[:nargs]:
-                check(p, write)
-            return real(*args, **kwargs)
-
-        setattr(os, name, wrapper)
-
-    for name in ("remove", "unlink", "rmdir", "mkdir", "chmod", "chown", "lchown", "truncate",
-                 "utime", "mkfifo", "mknod"):
-        guard(name, True)
-    for name in ("rename", "replace", "link", "symlink"):
-        guard(name, True, 2)
-    for name in ("listdir", "scandir", "chdir"):
-        guard(name, name == "chdir")
-
-    def no_processes(*args, **kwargs):
-        raise PermissionError(1, "sandbox: starting or signalling processes is blocked")
-
-    for name in ("system", "popen", "fork", "forkpty", "kill", "killpg", "posix_spawn", "posix_spawnp",
-                 "execv", "execve", "execl", "execle", "execlp", "execlpe", "execvp", "execvpe",
-                 "spawnv", "spawnve", "spawnvp", "spawnvpe", "spawnl", "spawnle", "spawnlp", "spawnlpe"):
-        if hasattr(os, name):
-            setattr(os, name, no_processes)
-    _posixsubprocess.fork_exec = no_processes  # subprocess and multiprocessing spawn through it
-
-    if block_sockets:
-        import socket, _socket
-
-        def no_network(*args, **kwargs):
-            raise PermissionError(1, "sandbox: network access is disabled")
-
-        class BlockedSocket(socket.socket):
-            def __init__(self, *args, **kwargs):
-                no_network()
-
-        socket.socket = socket.SocketType = _socket.socket = _socket.SocketType = BlockedSocket
-        for name in ("create_connection", "create_server", "socketpair", "fromfd", "getaddrinfo",
-                     "gethostbyname", "gethostbyname_ex", "gethostbyaddr"):
-            if hasattr(socket, name):
-                setattr(socket, name, no_network)
-'''
-
-_RUNNER_TAIL = '''
-with open("program.py", "rb") as _fh:
-    _source = _fh.read()
-_lmlab_install_guards(%r, %r)
-del _lmlab_install_guards, _fh
-exec(compile(_source, "program.py", "exec"), {"__name__": "__main__", "__file__": "program.py",
-                                               "__builtins__": __builtins__})
-'''
+            with open(f"/proc/{entry.name}/status", encoding="ascii", errors="replace") as fh:
+                fields = dict(line.split(":", 1) for line in fh if ":" in line)
+            if int(fields["Uid"].split()[0]) == uid:
+                count += int(fields.get("Threads", "1"))
+        except (OSError, KeyError, ValueError):
+            continue
+    return count
 
 
-def _apply_limits(limits: Limits) -> None:  # runs in the child between fork and exec
+def _apply_limits(limits: Limits, nproc: int | None) -> None:  # runs in the child between fork and exec
     cpu = limits.cpu_s if limits.cpu_s is not None else max(1, math.ceil(limits.timeout_s))
     # soft limit -> SIGXCPU; the hard limit one second later -> SIGKILL
     resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
@@ -232,6 +217,44 @@ def _apply_limits(limits: Limits) -> None:  # runs in the child between fork and
     size = limits.max_file_mb * 1024 * 1024
     resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limits.max_open_files, limits.max_open_files))
+    if nproc is not None:
+        resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
+
+
+@lru_cache(maxsize=1)
+def sandbox_problem() -> str | None:
+    """Why the bwrap sandbox cannot run here (None when it can); probed once per process."""
+    if not sys.platform.startswith("linux"):
+        return f"the sandbox needs Linux namespaces, not {sys.platform}"
+    if shutil.which(BWRAP) is None:
+        return "bubblewrap (bwrap) is not installed"
+    if os.geteuid() == 0 and shutil.which("setpriv") is None:
+        return "setpriv (util-linux) is not installed"
+    result = _run("print('ok')\n", Limits(timeout_s=20.0), sandboxed=True)
+    if result.passed and result.stdout.strip() == "ok":
+        return None
+    detail = _last_line(result.stderr) or result.reason
+    return f"bwrap could not create the sandbox ({detail})"
+
+
+def sandbox_available() -> bool:
+    """Whether programs can run in the bwrap sandbox here."""
+    return sandbox_problem() is None
+
+
+def isolation(allow_unsandboxed: bool = False) -> str:
+    """The isolation runs will use: "bwrap", or "none" when permitted; else a one-line ConfigError."""
+    problem = sandbox_problem()
+    if problem is None:
+        return SANDBOXED
+    if allow_unsandboxed:
+        return UNSANDBOXED
+    raise ConfigError(
+        "allow_unsandboxed", f"refusing to execute model-written code without a sandbox: {problem}",
+        "install bubblewrap (Debian/Ubuntu: apt-get install bubblewrap), or acknowledge running it "
+        "unisolated with allow_unsandboxed=True",
+    )
 
 
 def _kill_group(pid: int) -> None:
@@ -257,39 +280,47 @@ def _last_line(text: str) -> str:
     return lines[-1][:300] if lines else ""
 
 
-def _python() -> str:
-    return sys.executable or shutil.which("python3") or "python3"
-
-
-def run_program(source: str, limits: Limits = Limits(), *, network: str = "auto") -> ExecResult:
+def run_program(source: str, limits: Limits = Limits(), *, allow_unsandboxed: bool = False) -> ExecResult:
     """Run Python ``source`` in the sandbox and classify the outcome.
 
-    ``network``: "auto" (``unshare`` when available, else the socket preamble),
-    or force "unshare" / "preamble".
+    Raises :class:`~lmlab.errors.ConfigError` when the sandbox is unavailable,
+    unless ``allow_unsandboxed`` acknowledges running the code without it.
     """
-    method = network_isolation_method(network)
+    return _run(source, limits, sandboxed=isolation(allow_unsandboxed) == SANDBOXED)
+
+
+def _run(source: str, limits: Limits, *, sandboxed: bool) -> ExecResult:
+    method = SANDBOXED if sandboxed else UNSANDBOXED
     tmp = Path(tempfile.mkdtemp(prefix="lmlab_sandbox_"))
-    work = tmp / "work"
     start = time.monotonic()
     try:
-        work.mkdir()
-        (work / "program.py").write_text(source, encoding="utf-8")
-        runner = GUARD_PREAMBLE + _RUNNER_TAIL % (str(work), method == "preamble")
-        (work / "runner.py").write_text(runner, encoding="utf-8")
-        cmd = [_python(), "-I", "-B", "runner.py"]
-        if method == "unshare":
-            cmd = [shutil.which("unshare") or "unshare", "--net", "--", *cmd]
-        env = {"PATH": "/usr/bin:/bin", "HOME": str(work), "TMPDIR": str(work),
-               "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
+        program = tmp / "program.py"
+        program.write_text(source, encoding="utf-8")
+        program.chmod(0o644)
+        argv = [_python(), "-I", "-B", "program.py"]
+        if sandboxed:
+            # the working directory lives in the sandbox's tmpfs; its name is unique per run
+            work = f"/tmp/{tmp.name}/work"
+            env = {"PATH": "/usr/bin:/bin", "HOME": work, "TMPDIR": work, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
+            cmd, uid = _sandbox_command(argv, work, program, env, limits)
+            nproc = limits.max_processes if uid is not None else _tasks_of(os.getuid()) + limits.max_processes
+            cwd: str | Path = tmp
+        else:
+            work_dir = tmp / "work"
+            work_dir.mkdir()
+            shutil.copy(program, work_dir / "program.py")
+            env = {"PATH": "/usr/bin:/bin", "HOME": str(work_dir), "TMPDIR": str(work_dir),
+                   "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
+            cmd, nproc, cwd = argv, None, work_dir
         with open(tmp / "stdout", "wb") as out, open(tmp / "stderr", "wb") as err:
             try:
                 proc = subprocess.Popen(
-                    cmd, cwd=work, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                    start_new_session=True, preexec_fn=partial(_apply_limits, limits), close_fds=True,
+                    cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                    start_new_session=True, preexec_fn=partial(_apply_limits, limits, nproc), close_fds=True,
                 )
             except (OSError, subprocess.SubprocessError) as e:
-                return ExecResult(Status.ERROR, f"could not start: {e}", None,
-                                  time.monotonic() - start, network_isolation=method)
+                return ExecResult(Status.ERROR, f"could not start: {e}", None, time.monotonic() - start,
+                                  isolation=method)
             timed_out = False
             try:
                 returncode = proc.wait(timeout=limits.timeout_s)
@@ -298,23 +329,26 @@ def run_program(source: str, limits: Limits = Limits(), *, network: str = "auto"
                 _kill_group(proc.pid)
                 returncode = proc.wait()
             finally:
-                _kill_group(proc.pid)  # helpers the program left behind
+                _kill_group(proc.pid)  # helpers the program left behind (unsandboxed runs)
         duration = time.monotonic() - start
         stdout = _tail(tmp / "stdout", limits.output_chars)
         stderr = _tail(tmp / "stderr", limits.output_chars)
-        status, reason = _classify(returncode, timed_out, stderr, limits)
+        status, reason = _classify(returncode, timed_out, stderr, limits, sandboxed)
         return ExecResult(status, reason, returncode, duration, stdout, stderr, method)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _classify(returncode: int, timed_out: bool, stderr: str, limits: Limits) -> tuple[Status, str]:
+def _classify(returncode: int, timed_out: bool, stderr: str, limits: Limits,
+              sandboxed: bool) -> tuple[Status, str]:
     if timed_out:
         return Status.TIMED_OUT, f"wall-clock limit of {limits.timeout_s:g}s exceeded"
     if returncode == 0:
         return Status.PASSED, ""
-    if returncode < 0:
-        sig = -returncode
+    sig = -returncode if returncode < 0 else 0
+    if sandboxed and 128 < returncode < 128 + signal.NSIG:
+        sig = returncode - 128  # bwrap reports a program killed by signal N as exit status 128 + N
+    if sig:
         if sig == signal.SIGXCPU:
             return Status.TIMED_OUT, "CPU time limit exceeded"
         if sig == signal.SIGXFSZ:
@@ -332,15 +366,19 @@ def run_programs(
     limits: Limits = Limits(),
     *,
     workers: int | None = None,
-    network: str = "auto",
+    allow_unsandboxed: bool = False,
     on_done: Callable[[], None] | None = None,
 ) -> list[ExecResult]:
-    """Run many programs concurrently (threads waiting on processes); results in input order."""
+    """Run many programs concurrently (threads waiting on processes); results in input order.
+
+    Refuses (``ConfigError``) before running anything when the sandbox is
+    unavailable, unless ``allow_unsandboxed`` is set.
+    """
     workers = workers or max(1, min(4, os.cpu_count() or 1))
-    network_isolation_method(network)  # probe once, before the threads race to do it
+    sandboxed = isolation(allow_unsandboxed) == SANDBOXED  # probe once, before the threads race to do it
 
     def one(source: str) -> ExecResult:
-        result = run_program(source, limits, network=network)
+        result = _run(source, limits, sandboxed=sandboxed)
         if on_done is not None:
             on_done()
         return result
