@@ -99,11 +99,11 @@ def test_fit_table_output_and_plot(runs_csv, capsys, tmp_path):
     "argv, field",
     [
         (["fit", "/nonexistent/runs.csv"], "/nonexistent/runs.csv"),
-        (["fit", "RUNS", "--n-col", "nope"], "--n-col"),
+        (["fit", "RUNS", "--n-col", "nope"], "--n_col"),
         (["fit", "RUNS", *COLS, "--bootstrap", "10", "--level", "95"], "--level"),
-        (["fit", "RUNS", "--method", "approach9"], "arguments"),
+        (["fit", "RUNS", "--method", "approach9"], "--method"),
         (["plan", "--compute", "1e21", "--mfu", "2"], "--mfu"),
-        (["plan"], "arguments"),
+        (["plan"], "--compute"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(argv, field, runs_csv, capsys):
@@ -113,7 +113,7 @@ def test_bad_input_exits_2_with_one_line(argv, field, runs_csv, capsys):
     assert captured.out == ""
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1, captured.err
-    assert lines[0].startswith(f"lmlab scaling: {field}: ") and lines[0].endswith(")")
+    assert lines[0].startswith(f"lmlab scaling: error: {field}: ") and lines[0].endswith(")")
 
 
 def test_plan_json(capsys):
