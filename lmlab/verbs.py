@@ -25,6 +25,7 @@ import difflib
 import inspect
 import re
 import sys
+import textwrap
 import typing
 from collections.abc import Callable, Mapping
 from typing import Any, NoReturn, Optional, Union
@@ -229,6 +230,20 @@ def _strip_subcommand(key: str, parser) -> str:
     return key
 
 
+def _class_parser(class_path: str):
+    """A parser of ``class_path``'s arguments, to suggest the closest key; None if it cannot be built."""
+    try:
+        import importlib
+
+        module, _, name = class_path.rpartition(".")
+        cls = getattr(importlib.import_module(module), name)
+        parser = _parser_class()(env_prefix=False, default_env=False)
+        parser.add_class_arguments(cls, sub_configs=True, fail_untyped=False)
+        return parser
+    except Exception:  # only a hint is lost
+        return None
+
+
 def _type_name(text: str) -> str:
     m = re.match(r"<class '([\w.]+)'>", text.strip())
     return m.group(1).rsplit(".", 1)[-1] if m else text.strip()
@@ -239,16 +254,27 @@ def condense(message: str, parser, prog: str) -> ConfigError:
     text = message.strip()
     help_fix = f"see `{prog} --help`"
     opts = sorted(_options(parser)) if parser is not None else []
+    nested = re.match(r'Parser key "([^"]+)":.*?Problem with given class_path \'([^\']+)\':\n(.*?)(?:\n *- |\n *Given value type|\Z)', text, re.S)
+    if nested:  # an error inside a class_path/init_args section: report the inner key, as the user wrote it
+        outer = _strip_subcommand(nested.group(1), parser)
+        inner = condense(textwrap.dedent(nested.group(3)), _class_parser(nested.group(2)), prog)
+        if inner.field == "arguments":
+            return ConfigError(_flag(outer), inner.problem, inner.fix)
+        fix = (inner.fix or "").replace(" --", f" --{outer}.")
+        return ConfigError(f"--{outer}.{inner.field.lstrip('-')}", inner.problem, fix)
     m = re.match(r'Parser key "([^"]+)":\s*(.*)', text, re.S)
     if m:
         key, body = _strip_subcommand(m.group(1), parser), m.group(2)
+        unknown = re.search(r"Option '([^']+)' is not accepted", body)
+        if unknown:
+            return ConfigError(_flag(f"{key}.{unknown.group(1)}"), "unknown key", help_fix)
         if key in ("config", "settings") or "File does not exist" in body or "Unable to load config" in body:
             where = re.search(r"File does not exist: '?([^'\n]+)'?", body)
             problem = f"{where.group(1)} does not exist" if where else body.splitlines()[0].strip()
             return ConfigError(_flag(key), problem, "give a YAML file written by --print_config")
         literal = re.search(r"Expected a typing\.Literal\[([^\]]*)\]\.? *Got value: ([^\n]*)", body)
         if literal:
-            return ConfigError(_flag(key), f"{literal.group(2).strip()!r} is not allowed", f"choose one of {literal.group(1)}")
+            return ConfigError(_flag(key), f"invalid choice {literal.group(2).strip()!r}", f"choose one of {literal.group(1)}")
         types = [t for t in (_type_name(x) for x in re.findall(r"Expected a (<class '[\w.]+'>|[^\n.]+)", body)) if t != "NoneType"]
         given = re.search(r"(?:Given value|Got value): ([^\n]*)", body)
         got = f", got {given.group(1).strip()!r}" if given else ""

@@ -1,7 +1,7 @@
 """``lmlab eval compare``: pairwise human (or reward-model) preference evaluation of checkpoints.
 
     lmlab eval compare --a CKPT_A --b CKPT_B [--model NAME=CKPT ...] --prompts FILE
-        [--judge web|jsonl|reward-model] [--judgments FILE.jsonl] [--reward-model CKPT]
+        [--judge web|jsonl|reward-model] [--judgments FILE.jsonl] [--reward_model CKPT]
         [--db DIR/judgments.sqlite] [--out DIR] [--port 0] [--host 127.0.0.1]
 
 Every model answers every prompt (responses cached in the database); all pairs
@@ -53,27 +53,27 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--model", action="append", default=[], metavar="NAME=CKPT", help="another model; repeat for more")
     m.add_argument("--prompts", metavar="FILE", help="prompts: .txt (one per line), .jsonl or .json")
     m.add_argument("--tokenizer", default=None, help="tokenizer directory or tokenizer.json (default: the one found beside each checkpoint)")
-    m.add_argument("--max-new-tokens", type=int, default=256)
-    m.add_argument("--no-chat-template", action="store_true", help="feed prompts as plain text (base models)")
+    m.add_argument("--max_new_tokens", type=int, default=256)
+    m.add_argument("--no_chat_template", action="store_true", help="feed prompts as plain text (base models)")
     m.add_argument("--seed", type=int, default=0, help="seed of the side assignment, pair order and bootstrap")
     m.add_argument("--device", default=None, help="device for the reward model (default: cuda if available)")
     j = p.add_argument_group("judging")
     j.add_argument("--judge", choices=["web", "jsonl", "reward-model"], default="web")
     j.add_argument("--judgments", metavar="FILE.jsonl", help="judgments file for --judge jsonl")
-    j.add_argument("--reward-model", metavar="CKPT", help="reward checkpoint for --judge reward-model")
-    j.add_argument("--tie-margin", type=float, default=0.0, help="reward-model scores closer than this tie")
+    j.add_argument("--reward_model", metavar="CKPT", help="reward checkpoint for --judge reward-model")
+    j.add_argument("--tie_margin", type=float, default=0.0, help="reward-model scores closer than this tie")
     j.add_argument("--db", default=DEFAULT_DB, help=f"SQLite database of responses and judgments (default {DEFAULT_DB})")
     j.add_argument("--annotator", default="", help="judge's name; each annotator judges every pair once")
     j.add_argument("--host", default="127.0.0.1", help="address the page listens on (default 127.0.0.1: this machine only)")
     j.add_argument("--port", type=int, default=0, help="port of the page (default 0: any free port)")
-    j.add_argument("--keep-serving", action="store_true", help="keep the page up after the last pair (stop with Ctrl-C)")
+    j.add_argument("--keep_serving", action="store_true", help="keep the page up after the last pair (stop with Ctrl-C)")
     r = p.add_argument_group("ratings")
     r.add_argument("--out", default=None, metavar="DIR", help="where results.json and ratings.png go (default: beside --db)")
     r.add_argument("--bootstrap", type=int, default=1000, metavar="B", help="bootstrap resamples (default 1000; 0: no intervals)")
     r.add_argument("--level", type=float, default=0.95, help="confidence level of the intervals")
-    r.add_argument("--k-factor", type=float, default=32.0, help="K of the sequential Elo view")
-    r.add_argument("--anchor", type=float, default=1000.0, help="rating given to the models' mean, or to --anchor-model (default 1000)")
-    r.add_argument("--anchor-model", default=None, metavar="NAME", help="model pinned at --anchor instead of the mean")
+    r.add_argument("--k_factor", type=float, default=32.0, help="K of the sequential Elo view")
+    r.add_argument("--anchor", type=float, default=1000.0, help="rating given to the models' mean, or to --anchor_model (default 1000)")
+    r.add_argument("--anchor_model", default=None, metavar="NAME", help="model pinned at --anchor instead of the mean")
     return p
 
 
@@ -111,15 +111,15 @@ def _check_args(args: argparse.Namespace, models: dict[str, str]) -> None:
     if not 0 < args.level < 1:
         raise ConfigError("--level", f"must be in (0, 1), got {args.level}", "e.g. 0.95")
     if args.k_factor <= 0:
-        raise ConfigError("--k-factor", f"must be > 0, got {args.k_factor}", "the usual range is 4-32")
+        raise ConfigError("--k_factor", f"must be > 0, got {args.k_factor}", "the usual range is 4-32")
     if not 0 <= args.port <= 65535:
         raise ConfigError("--port", f"must be in 0..65535, got {args.port}", "use 0 for any free port")
     if args.max_new_tokens < 1:
-        raise ConfigError("--max-new-tokens", f"must be >= 1, got {args.max_new_tokens}")
+        raise ConfigError("--max_new_tokens", f"must be >= 1, got {args.max_new_tokens}")
     if len(args.annotator) > 64:
         raise ConfigError("--annotator", f"longer than 64 characters ({len(args.annotator)})", "use a short name")
     if args.anchor_model is not None and models and args.anchor_model not in models:
-        raise ConfigError("--anchor-model", f"{args.anchor_model!r} is not one of the models {list(models)}", "name a compared model")
+        raise ConfigError("--anchor_model", f"{args.anchor_model!r} is not one of the models {list(models)}", "name a compared model")
     if args.judge == "jsonl":
         if not args.judgments:
             raise ConfigError("--judgments", "required with --judge jsonl", "give the judgments .jsonl file")
@@ -131,7 +131,7 @@ def _check_args(args: argparse.Namespace, models: dict[str, str]) -> None:
     if not args.prompts:
         raise ConfigError("--prompts", "required to generate responses", "give a .txt, .jsonl or .json prompt file")
     if args.judge == "reward-model" and not args.reward_model:
-        raise ConfigError("--reward-model", "required with --judge reward-model", "give a reward checkpoint")
+        raise ConfigError("--reward_model", "required with --judge reward-model", "give a reward checkpoint")
 
 
 class CheckpointGenerator:

@@ -2,8 +2,8 @@
 
 Usage::
 
-    lmlab data prepare --config experiments/data/shared_mix.yaml [--num-proc N] [--out DIR] [--resume]
-                       [--force] [--engine local|datatrove|slurm] [--tasks N] [--workers K] [--max-documents N]
+    lmlab data prepare --config experiments/data/shared_mix.yaml [--num_proc N] [--out DIR] [--resume]
+                       [--force] [--engine local|datatrove|slurm] [--tasks N] [--workers K] [--max_documents N]
     lmlab data extract-eval --html PAGES.tar --gold GOLD.json
 
 ``prepare`` prints the summary table of ``OUT/report/report.md`` and the
@@ -26,14 +26,14 @@ def _parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("prepare", help="prepare a mixture from its sources into OUT/tokens")
     pr.add_argument("--config", required=True, help="prepare YAML (experiments/data/*.yaml) or a training experiment YAML")
     pr.add_argument("--out", help="output directory (default: the config's out)")
-    pr.add_argument("--num-proc", type=int, help="worker processes per stage")
+    pr.add_argument("--num_proc", type=int, help="worker processes per stage")
     pr.add_argument("--resume", action="store_true", help="keep the finished shards of an interrupted run")
     pr.add_argument("--force", action="store_true", help="recompute every stage, ignoring caches")
     pr.add_argument("--engine", choices=("local", "datatrove", "slurm"),
                     help="run per-source stages in-process, as local datatrove tasks, or as Slurm job arrays")
     pr.add_argument("--tasks", type=int, help="datatrove tasks per stage")
     pr.add_argument("--workers", type=int, help="datatrove tasks running at once")
-    pr.add_argument("--max-documents", type=int, help="read at most this many records per source (quick trials)")
+    pr.add_argument("--max_documents", type=int, help="read at most this many records per source (quick trials)")
     pr.add_argument("--quiet", action="store_true", help="no progress bars or per-stage lines")
     ex = sub.add_parser("extract-eval", help="mean token F1 of HTML main-text extraction against gold text")
     ex.add_argument("--html", required=True, help="tar of .html/.html.gz pages")
@@ -71,7 +71,7 @@ def _prepare(args: argparse.Namespace) -> int:
         )
     if args.max_documents is not None:
         if args.max_documents < 1:
-            raise ConfigError("--max-documents", f"must be >= 1, got {args.max_documents}", "use e.g. 200")
+            raise ConfigError("--max_documents", f"must be >= 1, got {args.max_documents}", "use e.g. 200")
         for s in cfg.sources:
             s.max_documents = args.max_documents if s.max_documents is None else min(s.max_documents, args.max_documents)
     log = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
