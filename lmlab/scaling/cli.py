@@ -3,7 +3,7 @@
     lmlab scaling fit runs.csv [--method approach3|approach1|approach2|kaplan] [--json] [--plot out.png]
     lmlab scaling plan --compute 1e21 [--accelerators 8 --peak_flops 989e12 --mfu 0.4] [--write_config out.yaml]
 
-Bad input exits with status 2 and one line: ``lmlab scaling: <field>: <problem> (<fix>)``.
+Bad input exits with status 2 and one line: ``lmlab scaling: error: <field>: <problem> (<fix>)``.
 """
 
 from __future__ import annotations
