@@ -213,6 +213,10 @@ def _subparser(parser, argv: list[str]):
 # --- one-line errors ----------------------------------------------------------------------------------
 
 
+def _settings_of(parser) -> str:
+    return ALT_SETTINGS_FLAG if parser is not None and ALT_SETTINGS_FLAG in _options(parser) else SETTINGS_FLAG
+
+
 def _flag(key: str) -> str:
     return key if key.startswith("-") else f"--{key}"
 
@@ -271,18 +275,25 @@ def condense(message: str, parser, prog: str) -> ConfigError:
         if key in ("config", "settings") or "File does not exist" in body or "Unable to load config" in body:
             where = re.search(r"File does not exist: '?([^'\n]+)'?", body)
             problem = f"{where.group(1)} does not exist" if where else body.splitlines()[0].strip()
-            return ConfigError(_flag(key), problem, "give a YAML file written by --print_config")
-        literal = re.search(r"Expected a typing\.Literal\[([^\]]*)\]\.? *Got value: ([^\n]*)", body)
-        if literal:
-            return ConfigError(_flag(key), f"invalid choice {literal.group(2).strip()!r}", f"choose one of {literal.group(1)}")
-        types = [t for t in (_type_name(x) for x in re.findall(r"Expected a (<class '[\w.]+'>|[^\n.]+)", body)) if t != "NoneType"]
+            return ConfigError(_flag(key), problem, "give an existing YAML file (--print_config writes one)")
+        literal = re.search(r"Expected a typing\.Literal\[([^\]]*)\]", body)
         given = re.search(r"(?:Given value|Got value): ([^\n]*)", body)
+        if literal:
+            value = given.group(1).strip() if given else ""
+            choices = [c.strip(" '\"") for c in literal.group(1).split(",")]
+            near = _closest(value, choices)
+            fix = f"choose one of {', '.join(choices)}" + (f"; did you mean {near}?" if near else "")
+            return ConfigError(_flag(key), f"invalid choice {value!r}", fix)
+        types = [t for t in (_type_name(x) for x in re.findall(r"Expected a (<class '[\w.]+'>|[^\n.]+)", body)) if t != "NoneType"]
         got = f", got {given.group(1).strip()!r}" if given else ""
         if types:
             kinds = " or ".join(dict.fromkeys(types))
             return ConfigError(_flag(key), f"expected {kinds}{got}", f"give {_flag(key)} a value of type {kinds}")
         first = next((ln.strip() for ln in body.splitlines() if ln.strip()), "invalid value")
         return ConfigError(_flag(key), first, help_fix)
+    if text.startswith("Problems parsing config"):
+        detail = " ".join(ln.strip() for ln in text.splitlines()[1:] if ln.strip())[:200]
+        return ConfigError(_settings_of(parser), f"not a valid YAML mapping ({detail})", "fix the file or write a new one with --print_config")
     m = re.match(r"unrecognized arguments: (\S+)", text)
     if m:
         bad = m.group(1)
@@ -302,7 +313,7 @@ def condense(message: str, parser, prog: str) -> ConfigError:
         positional = {a.dest for a in (parser._actions if parser is not None else []) if not a.option_strings}
         field = keys[0] if keys[0] in positional else _flag(keys[0])
         more = f" (also {', '.join(keys[1:])})" if len(keys) > 1 else ""
-        return ConfigError(field, f"required{more}", f"give {field} on the command line or in {SETTINGS_FLAG}")
+        return ConfigError(field, f"required{more}", f"give {field} on the command line or in {_settings_of(parser)}")
     m = re.search(r'expected "(\w+)" to be one of \{([^}]*)\}', text)
     if m:
         return ConfigError(m.group(1), "no sub-command given", f"choose one of {m.group(2).replace(',', ', ')}")

@@ -117,6 +117,10 @@ def plan(
         args.device_memory and parse_bytes(args.device_memory)
     except ValueError as e:
         raise ConfigError("--device_memory", str(e), "write e.g. 80GiB") from None
+    if not 0 <= reserve < 1:
+        raise ConfigError("--reserve", f"must be in [0, 1), got {reserve}", "e.g. 0.1 keeps a tenth of device memory free")
+    if not 0 < mfu <= 1:
+        raise ConfigError("--mfu", f"must be in (0, 1], got {mfu}", "e.g. 0.4")
     if override and not config:
         raise ConfigError("--override", "needs a training YAML", "add --config experiments/X.yaml")
     mem, comp = make_plan(args)
