@@ -15,7 +15,7 @@ import os
 import sys
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Optional
 
 from lmlab.errors import ConfigError
 
@@ -47,30 +47,51 @@ def load_training_config(
     configs: Sequence[str | os.PathLike],
     overrides: Sequence[str] = (),
     *,
-    field: str = "--config",
+    field: Optional[str] = "--config",
     budget: bool = True,
 ) -> Any:
     """The parsed config (a jsonargparse Namespace) of ``lmlab fit --config A --config B ... OVERRIDES``.
 
     ``overrides`` are dotted assignments (``model.config.n_layers=4``, with
     or without the leading ``--``). With ``budget`` the ``budget`` section is
-    applied as ``lmlab fit`` applies it (its message goes to stderr).
+    applied as ``lmlab fit`` applies it (its message goes to stderr). Errors
+    name ``field`` (the flag that gave the YAMLs) before the key.
+    """
+    if not configs:
+        raise ConfigError(field or "--config", "no training YAML given", "pass e.g. --config experiments/quickstart.yaml")
+    for path in configs:
+        if not os.path.isfile(os.path.expanduser(os.fspath(path))):
+            raise ConfigError(field or "--config", f"{os.fspath(path)} does not exist",
+                              "give a training YAML such as experiments/quickstart.yaml")
+    args: list[str] = []
+    for path in configs:
+        args += ["--config", os.fspath(path)]
+    args += [o if o.startswith("--") else f"--{o}" for o in overrides]
+    return parse_training_args(args, field=field, budget=budget)
+
+
+def parse_training_args(args: Sequence[str], *, field: Optional[str] = None, budget: bool = True) -> Any:
+    """The parsed config of the arguments that follow ``lmlab fit`` (``--config X --key=value ...``).
+
+    ``--ckpt_path`` and ``--print_config`` are left out: they choose what a run
+    does, not what it is.
     """
     import lightning.pytorch as pl
     from jsonargparse import ArgumentError
 
     from lmlab.verbs import condense
 
-    if not configs:
-        raise ConfigError(field, "no training YAML given", "pass e.g. --config experiments/quickstart.yaml")
-    for path in configs:
-        if not os.path.isfile(os.path.expanduser(os.fspath(path))):
-            raise ConfigError(field, f"{os.fspath(path)} does not exist", "give a training YAML such as experiments/quickstart.yaml")
-    args: list[str] = []
-    for path in configs:
-        args += ["--config", os.fspath(path)]
-    args += [o if o.startswith("--") else f"--{o}" for o in overrides]
-    cli = None
+    kept: list[str] = []
+    skip = False
+    for arg in args:
+        if skip:
+            skip = False
+            continue
+        name = arg.partition("=")[0]
+        if name in ("--ckpt_path", "--print_config"):
+            skip = name == "--ckpt_path" and "=" not in arg
+            continue
+        kept.append(arg)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # LightningCLI warns when handed args while sys.argv holds the tool's own
@@ -79,7 +100,7 @@ def load_training_config(
                 datamodule_class=pl.LightningDataModule,
                 subclass_mode_model=True,
                 subclass_mode_data=True,
-                args=args,
+                args=kept,
                 run=False,
                 parser_kwargs={"default_env": False, "exit_on_error": False},
                 auto_configure_optimizers=False,
@@ -87,6 +108,8 @@ def load_training_config(
     except ArgumentError as e:
         err = condense(str(e), None, "lmlab fit")
         key = err.field.lstrip("-")
+        if field is None:
+            raise ConfigError(err.field, err.problem, err.fix) from None
         where = field if key in ("arguments", "config") else f"{field} {key}"
         raise ConfigError(where, err.problem, err.fix) from None
     return cli.config

@@ -234,6 +234,23 @@ def _strip_subcommand(key: str, parser) -> str:
     return key
 
 
+def _nested_class_error(text: str) -> Optional[tuple[str, str, str]]:
+    """(key, class_path, inner message) of a jsonargparse error raised inside a ``class_path`` section."""
+    head = re.match(r'Parser key "([^"]+)":', text)
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        m = re.match(r"( *)- Problem with given class_path '([^']+)':\s*$", line)
+        if head and m:
+            indent = len(m.group(1))
+            block = []
+            for nxt in lines[i + 1 :]:
+                if nxt.strip() and len(nxt) - len(nxt.lstrip()) <= indent:
+                    break
+                block.append(nxt)
+            return head.group(1), m.group(2), textwrap.dedent("\n".join(block)).strip()
+    return None
+
+
 def _class_parser(class_path: str):
     """A parser of ``class_path``'s arguments, to suggest the closest key; None if it cannot be built."""
     try:
@@ -258,13 +275,18 @@ def condense(message: str, parser, prog: str) -> ConfigError:
     text = message.strip()
     help_fix = f"see `{prog} --help`"
     opts = sorted(_options(parser)) if parser is not None else []
-    nested = re.match(r'Parser key "([^"]+)":.*?Problem with given class_path \'([^\']+)\':\n(.*?)(?:\n *- |\n *Given value type|\Z)', text, re.S)
+    nested = _nested_class_error(text)
     if nested:  # an error inside a class_path/init_args section: report the inner key, as the user wrote it
-        outer = _strip_subcommand(nested.group(1), parser)
-        inner = condense(textwrap.dedent(nested.group(3)), _class_parser(nested.group(2)), prog)
+        outer_key, class_path, inner_text = nested
+        outer = _strip_subcommand(outer_key, parser)
+        inner = condense(inner_text, _class_parser(class_path), prog)
         if inner.field == "arguments":
             return ConfigError(_flag(outer), inner.problem, inner.fix)
-        fix = (inner.fix or "").replace(" --", f" --{outer}.")
+        suggested = re.fullmatch(r"did you mean (-*)(\S+)\?", inner.fix or "")
+        if suggested:
+            fix = f"did you mean {suggested.group(1)}{outer}.{suggested.group(2)}?"
+        else:
+            fix = (inner.fix or "").replace(" --", f" --{outer}.")
         return ConfigError(f"--{outer}.{inner.field.lstrip('-')}", inner.problem, fix)
     m = re.match(r'Parser key "([^"]+)":\s*(.*)', text, re.S)
     if m:
@@ -291,6 +313,10 @@ def condense(message: str, parser, prog: str) -> ConfigError:
             return ConfigError(_flag(key), f"expected {kinds}{got}", f"give {_flag(key)} a value of type {kinds}")
         first = next((ln.strip() for ln in body.splitlines() if ln.strip()), "invalid value")
         return ConfigError(_flag(key), first, help_fix)
+    m = re.match(r"Option '([^']+)' is not accepted", text)
+    if m:
+        near = _closest(_flag(m.group(1)), opts)
+        return ConfigError(_flag(m.group(1)), "unknown key", f"did you mean {near}?" if near else help_fix)
     if text.startswith("Problems parsing config"):
         detail = " ".join(ln.strip() for ln in text.splitlines()[1:] if ln.strip())[:200]
         return ConfigError(_settings_of(parser), f"not a valid YAML mapping ({detail})", "fix the file or write a new one with --print_config")
@@ -302,9 +328,10 @@ def condense(message: str, parser, prog: str) -> ConfigError:
         name = bad.partition("=")[0].rstrip("+")
         near = _closest(name, opts)
         return ConfigError(name, "unknown option", f"did you mean {near}?" if near else help_fix)
-    m = re.search(r"(?:does not accept option|not expected|Key) '([^']+)'", text)
+    m = re.search(r"(?:(?:Group|Subcommand) '([^']+)' does not accept option|Key) '([^']+)'", text)
     if m and ("accept" in text or "not expected" in text):
-        key = _strip_subcommand(m.group(1), parser)
+        group = m.group(1) if m.group(1) and not text.startswith("Subcommand") else None
+        key = _strip_subcommand(f"{group}.{m.group(2)}" if group else m.group(2), parser)
         near = _closest(_flag(key), opts)
         return ConfigError(key, "unknown key", f"did you mean {near.lstrip('-')}?" if near else help_fix)
     m = re.match(r"the following arguments are required: (.*)", text)

@@ -264,3 +264,22 @@ def test_hyphenated_and_bare_flags_keep_working(capsys):
     assert rc in (0, 1) and inp["world_size"] == 8 and inp["micro_batch"] == 2 and inp["activation_checkpointing"] is True
     settings = yaml.safe_load(_print_config(capsys, "sweep", "run", SWEEP, "--no-progress", "--retry-failed"))
     assert settings["progress"] is False and settings["retry_failed"] is True
+
+
+@pytest.mark.parametrize(
+    "extra, field, words",
+    [
+        ({"model": {"class_path": "lmlab.modules.PretrainModule", "init_args": {"config": {"n_layerz": 3}}}},
+         "--config model.config.n_layerz", "did you mean model.config.n_layers?"),
+        ({"model": {"class_path": "lmlab.modules.PretrainModule", "init_args": {"optimizer": {"lr": "fast"}}}},
+         "--config model.optimizer.lr", "float"),
+        ({"trainer": {"max_steps": "many"}}, "--config trainer.max_steps", "int"),
+    ],
+)
+def test_training_yaml_mistakes_name_the_nested_key(extra, field, words, capsys, tmp_path):
+    path = tmp_path / "extra.yaml"
+    path.write_text(yaml.safe_dump(extra))
+    rc, out, err = run(capsys, "plan", "--config", QUICKSTART, "--config", str(path))
+    lines = err.strip().splitlines()
+    assert rc == 2 and out == "" and len(lines) == 1, err
+    assert lines[0].startswith(f"lmlab plan: error: {field}: ") and words in lines[0]
