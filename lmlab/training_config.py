@@ -48,6 +48,7 @@ def load_training_config(
     overrides: Sequence[str] = (),
     *,
     field: Optional[str] = "--config",
+    override_field: str = "--override",
     budget: bool = True,
 ) -> Any:
     """The parsed config (a jsonargparse Namespace) of ``lmlab fit --config A --config B ... OVERRIDES``.
@@ -55,7 +56,8 @@ def load_training_config(
     ``overrides`` are dotted assignments (``model.config.n_layers=4``, with
     or without the leading ``--``). With ``budget`` the ``budget`` section is
     applied as ``lmlab fit`` applies it (its message goes to stderr). Errors
-    name ``field`` (the flag that gave the YAMLs) before the key.
+    name ``field`` (the flag that gave the YAMLs), or ``override_field`` for
+    a bad override, before the key.
     """
     if not configs:
         raise ConfigError(field or "--config", "no training YAML given", "pass e.g. --config experiments/quickstart.yaml")
@@ -67,7 +69,15 @@ def load_training_config(
     for path in configs:
         args += ["--config", os.fspath(path)]
     args += [o if o.startswith("--") else f"--{o}" for o in overrides]
-    return parse_training_args(args, field=field, budget=budget)
+    try:
+        return parse_training_args(args, field=field, budget=budget)
+    except ConfigError as e:
+        # name the override rather than the YAML when the bad key was given as one
+        key = e.field.split(" ", 1)[-1].lstrip("-")
+        given = [o.lstrip("-").partition("=")[0] for o in overrides]
+        if field is not None and e.field.startswith(f"{field} ") and key in given:
+            raise ConfigError(f"{override_field} {key}", e.problem, e.fix) from None
+        raise
 
 
 def parse_training_args(args: Sequence[str], *, field: Optional[str] = None, budget: bool = True) -> Any:

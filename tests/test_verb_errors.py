@@ -191,7 +191,7 @@ BAD = [
     # plan
     (["plan", "--preset", "llama-7b", "--world_size", "x"], "plan", "--world_size", "int"),
     (["plan", "--config", "/nonexistent/train.yaml"], "plan", "--config", "does not exist"),
-    (["plan", "--config", QUICKSTART, "--override", "model.config.n_layerz=2"], "plan", "--config model.config.n_layerz", "n_layers"),
+    (["plan", "--config", QUICKSTART, "--override", "model.config.n_layerz=2"], "plan", "--override model.config.n_layerz", "n_layers"),
     (["plan", "--preset", "llama-7b", "--strategy", "fsdp9"], "plan", "--strategy", "fsdp"),
     (["plan", "--preset", "llama-7b", "--device-memory", "eighty"], "plan", "--device_memory", "eighty"),
     (["plan", "--preset", "llama-7b", "--reserve", "2"], "plan", "--reserve", "[0, 1)"),
