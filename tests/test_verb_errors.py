@@ -7,8 +7,10 @@ naming the field, exit status 2, nothing on stdout and no traceback.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
+from typing import Literal
 
 import pytest
 import yaml
@@ -283,3 +285,56 @@ def test_training_yaml_mistakes_name_the_nested_key(extra, field, words, capsys,
     lines = err.strip().splitlines()
     assert rc == 2 and out == "" and len(lines) == 1, err
     assert lines[0].startswith(f"lmlab plan: error: {field}: ") and words in lines[0]
+
+
+# -- the mechanism itself: nested dataclass settings --------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Engine:
+    """Where work runs.
+
+    Args:
+        tasks: Tasks per stage.
+        kind: Executor.
+    """
+
+    tasks: int = 4
+    kind: Literal["local", "slurm"] = "local"
+
+
+def _toy(name: str, engine: _Engine = _Engine(), repeat: int = 1) -> int:  # noqa: B008 - read, never mutated
+    """A toy verb.
+
+    Args:
+        name: What to print.
+        engine: Engine settings.
+        repeat: How often.
+    """
+    print(json.dumps({"name": name, "tasks": engine.tasks, "kind": engine.kind, "repeat": repeat}))
+    return 0
+
+
+def test_nested_dataclass_settings_take_dotted_flags_and_files(capsys, tmp_path):
+    from lmlab.verbs import run as run_verb
+
+    assert run_verb("lmlab toy", _toy, ["--name", "x", "--engine.tasks", "7", "--engine.kind", "slurm"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"name": "x", "tasks": 7, "kind": "slurm", "repeat": 1}
+    assert run_verb("lmlab toy", _toy, ["--name", "x", "--engine.tasks", "7", "--print_config"]) == 0
+    printed = capsys.readouterr().out
+    assert yaml.safe_load(printed)["engine"] == {"tasks": 7, "kind": "local"}
+    (tmp_path / "toy.yaml").write_text(printed)
+    assert run_verb("lmlab toy", _toy, ["--config", str(tmp_path / "toy.yaml"), "--engine.kind", "slurm"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"name": "x", "tasks": 7, "kind": "slurm", "repeat": 1}
+
+    for argv, field, words in [
+        (["--name", "x", "--engine.taskz", "3"], "--engine.taskz", "--engine.tasks?"),
+        (["--name", "x", "--engine.tasks", "many"], "--engine.tasks", "int"),
+        (["--name", "x", "--engine.kind", "k8s"], "--engine.kind", "local, slurm"),
+        (["--engine.tasks", "3"], "--name", "required"),
+    ]:
+        assert run_verb("lmlab toy", _toy, argv) == 2
+        captured = capsys.readouterr()
+        lines = captured.err.strip().splitlines()
+        assert captured.out == "" and len(lines) == 1, captured.err
+        assert lines[0].startswith(f"lmlab toy: error: {field}: ") and words in lines[0]
