@@ -49,7 +49,7 @@ def _load(args: argparse.Namespace, fallback_tokenizer: Optional[str] = None):
     from lmlab.export import find_tokenizer, load_causal_lm, resolve_tokenizer
 
     if args.batch_size < 1:
-        raise ConfigError("--batch_size", f"must be >= 1, got {args.batch_size}")
+        raise ConfigError("--batch-size", f"must be >= 1, got {args.batch_size}")
     device = _device(args.device)
     if not Path(args.ckpt).expanduser().exists():
         raise ConfigError("--ckpt", f"checkpoint {args.ckpt} does not exist", "check the path")
