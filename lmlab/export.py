@@ -4,7 +4,7 @@
 
     lmlab export --ckpt runs/x/last.ckpt --format hf --out exports/x      # LlamaForCausalLM / GPT2LMHeadModel
     lmlab export --ckpt runs/x/last.ckpt --format lmlab --out exports/x   # lmlab names, for --model.init_from
-    lmlab export --from-hf some/llama-dir --out llama.ckpt                # for --model.init_from
+    lmlab export --from_hf some/llama-dir --out llama.ckpt                # for --model.init_from
 
 An HF export holds ``config.json``, ``generation_config.json``,
 ``model.safetensors``, ``lmlab_config.json`` and the tokenizer (with its chat
@@ -22,16 +22,14 @@ This module also holds the loaders the evaluation tools share:
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
-import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import torch
 import yaml
@@ -43,24 +41,6 @@ from lmlab.models.heads import CausalLM
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 _RUN_CONFIG_DEPTH = 4
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """``argparse`` whose usage errors are one line (``prog: error: ...``) with exit status 2."""
-
-    def error(self, message: str):  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def run_main(prog: str, body, argv: list[str]) -> int:
-    """Run ``body(argv)``; a :class:`ConfigError` or usage error becomes one line on stderr and exit 2."""
-    try:
-        return int(body(argv) or 0)
-    except SystemExit as e:  # argparse: --help (0) or a usage error (2, already printed)
-        return int(e.code or 0) if not isinstance(e.code, str) else 2
-    except ConfigError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
 
 
 def parse_dtype(name: Optional[str], field: str = "--dtype") -> Optional[torch.dtype]:
@@ -252,7 +232,7 @@ def import_hf(
 
     src = Path(os.path.expanduser(str(hf_dir)))
     if not src.exists():
-        raise ConfigError("--from-hf", f"{src} does not exist", "give a transformers model directory")
+        raise ConfigError("--from_hf", f"{src} does not exist", "give a transformers model directory")
     config, state = load_hf_state(src)
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
@@ -277,40 +257,52 @@ def import_hf(
 # --- CLI -------------------------------------------------------------------------------------------
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog="lmlab export", description=__doc__.split("\n\n")[0])
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--ckpt", help="Lightning .ckpt or lmlab export directory to export")
-    src.add_argument("--from-hf", dest="from_hf", metavar="DIR", help="transformers LLaMA/GPT-2 directory to import")
-    p.add_argument("--format", choices=("hf", "lmlab"), default="hf", help="export layout (default: hf)")
-    p.add_argument("--out", required=True, help="output directory (export) or .ckpt file (--from-hf)")
-    p.add_argument("--tokenizer", help="tokenizer directory (default: found beside the checkpoint or in its run config)")
-    p.add_argument("--dtype", choices=tuple(DTYPES), help="cast floating-point weights (default: as stored)")
-    p.add_argument("--force", action="store_true", help="replace --out if it exists")
-    return p
+Dtype = Literal["float32", "bfloat16", "float16"]
 
 
-def _main(argv: list[str]) -> int:
-    args = _parser().parse_args(argv)
-    dtype = parse_dtype(args.dtype)
-    if args.from_hf:
-        out = import_hf(args.from_hf, args.out, dtype=dtype, overwrite=args.force)
-        print(f"wrote {out} (use it as --model.init_from {out})")
+def export(
+    out: str,
+    ckpt: Optional[str] = None,
+    from_hf: Optional[str] = None,
+    format: Literal["hf", "lmlab"] = "hf",
+    tokenizer: Optional[str] = None,
+    dtype: Optional[Dtype] = None,
+    force: bool = False,
+) -> int:
+    """Export a checkpoint to a transformers (or lmlab safetensors) directory, or import a transformers one.
+
+    Args:
+        out: Output directory (export) or .ckpt file (--from_hf).
+        ckpt: Lightning .ckpt or lmlab export directory to export.
+        from_hf: Transformers LLaMA/GPT-2 directory to import instead (writes a .ckpt for --model.init_from).
+        format: Export layout: hf (LlamaForCausalLM / GPT2LMHeadModel) or lmlab (lmlab tensor names).
+        tokenizer: Tokenizer directory (default: found beside the checkpoint or in its run config).
+        dtype: Cast floating-point weights (default: as stored).
+        force: Replace --out if it exists.
+    """
+    if (ckpt is None) == (from_hf is None):
+        raise ConfigError("--ckpt", "give exactly one of --ckpt and --from_hf", "--ckpt to export, --from_hf to import")
+    torch_dtype = parse_dtype(dtype)
+    if from_hf:
+        path = import_hf(from_hf, out, dtype=torch_dtype, overwrite=force)
+        print(f"wrote {path} (use it as --model.init_from {path})")
         return 0
-    fn = export_hf if args.format == "hf" else export_lmlab
-    out = fn(args.ckpt, args.out, tokenizer=args.tokenizer, dtype=dtype, overwrite=args.force)
-    if args.format == "hf":
-        arch = json.loads((out / "config.json").read_text())["architectures"][0]
-        print(f"wrote {arch} to {out}")
-        print(f"  evaluate: lm_eval --model hf --model_args pretrained={out} --tasks hellaswag")
+    fn = export_hf if format == "hf" else export_lmlab
+    path = fn(ckpt, out, tokenizer=tokenizer, dtype=torch_dtype, overwrite=force)
+    if format == "hf":
+        arch = json.loads((path / "config.json").read_text())["architectures"][0]
+        print(f"wrote {arch} to {path}")
+        print(f"  evaluate: lm_eval --model hf --model_args pretrained={path} --tasks hellaswag")
     else:
-        print(f"wrote lmlab safetensors to {out} (use it as --model.init_from {out})")
+        print(f"wrote lmlab safetensors to {path} (use it as --model.init_from {path})")
     return 0
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     """Entry point of ``lmlab export``."""
-    return run_main("lmlab export", _main, list(sys.argv[1:] if argv is None else argv))
+    from lmlab.verbs import run
+
+    return run("lmlab export", export, argv)
 
 
 if __name__ == "__main__":

@@ -383,7 +383,7 @@ def test_cli_web_flow_and_resume(tmp_path, monkeypatch, capsys):
     db = tmp_path / "run" / "judgments.sqlite"
     port = _free_port()
     argv = ["--a", "sft=ckpts/sft.ckpt", "--b", "ckpts/base.ckpt", "--model", "rl=ckpts/rl.ckpt", "--prompts", str(tmp_path / "prompts.txt"),
-            "--db", str(db), "--port", str(port), "--bootstrap", "30", "--max-new-tokens", "16"]
+            "--db", str(db), "--port", str(port), "--bootstrap", "30", "--max_new_tokens", "16"]
     rc = []
     thread = threading.Thread(target=lambda: rc.append(compare_cli.main(argv)))
     thread.start()
@@ -436,7 +436,7 @@ def test_cli_reward_model_judge(tmp_path, monkeypatch):
     monkeypatch.setattr(judges, "load_reward_scorer", fake_loader)
     (tmp_path / "prompts.txt").write_text("a\nb\nc\n")
     argv = ["--a", "ckpts/long.ckpt", "--b", "ckpts/short.ckpt", "--prompts", str(tmp_path / "prompts.txt"), "--judge", "reward-model",
-            "--reward-model", "rm.ckpt", "--db", str(tmp_path / "j.sqlite"), "--out", str(tmp_path / "out"), "--bootstrap", "20"]
+            "--reward_model", "rm.ckpt", "--db", str(tmp_path / "j.sqlite"), "--out", str(tmp_path / "out"), "--bootstrap", "20"]
     assert compare_cli.main(argv) == 0
     res = json.loads((tmp_path / "out" / "results.json").read_text())
     rows = {m["model"]: m for m in res["criteria"]["overall"]["models"]}

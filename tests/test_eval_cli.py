@@ -80,8 +80,8 @@ def test_eval_runs_tasks_prints_a_table_and_writes_results(setup, tmp_path, caps
     t = setup["tasks"]
     out = tmp_path / "out"
     rc = lmlab_main(["eval", "--ckpt", str(setup["ckpt"]), "--tasks", f"{t['mc']},{t['cloze']},{t['gen']}",
-                     "--limit", "4", "--data-dir", str(setup["data"]), "--out", str(out), "--batch-size", "3",
-                     "--device", "cpu", "--no-progress"])
+                     "--limit", "4", "--data_dir", str(setup["data"]), "--out", str(out), "--batch_size", "3",
+                     "--device", "cpu", "--no_progress"])
     printed = capsys.readouterr().out
     assert rc == 0
     results = json.loads((out / "results.json").read_text())["results"]
@@ -101,7 +101,7 @@ def test_eval_runs_tasks_prints_a_table_and_writes_results(setup, tmp_path, caps
 
 def test_eval_on_the_shared_benchmarks(setup, shared_data, tmp_path, capsys):
     rc = eval_cli.main(["--ckpt", str(setup["ckpt"]), "--tasks", "hellaswag,arc_easy,gsm8k", "--limit", "4",
-                        "--data-dir", str(shared_data / "eval"), "--out", str(tmp_path), "--no-progress"])
+                        "--data_dir", str(shared_data / "eval"), "--out", str(tmp_path), "--no_progress"])
     captured = capsys.readouterr()
     printed = captured.out
     assert rc == 0, captured.err
@@ -162,7 +162,7 @@ def test_perplexity_per_source_of_an_experiment(setup, tmp_path, capsys):
                "cache_dir": str(tmp_path / "cache")}}}
     (tmp_path / "exp.yaml").write_text(yaml.safe_dump(cfg))
     rc = lmlab_main(["eval", "perplexity", "--ckpt", str(setup["ckpt"]), "--config", str(tmp_path / "exp.yaml"),
-                     "--max-documents", "4", "--max-length", "32"])
+                     "--max_documents", "4", "--max_length", "32"])
     printed = capsys.readouterr().out
     assert rc == 0
     rows = {line.split()[0]: line.split() for line in printed.splitlines()[2:]}
@@ -257,8 +257,8 @@ def test_eval_callback_in_a_real_checkpoint_and_a_yaml_config(setup, tmp_path, c
     ckpt = tmp_path / "run" / "last.ckpt"
     trainer.save_checkpoint(ckpt)
     assert eval_cli.main(["--ckpt", str(ckpt), "--tokenizer", str(root / "run" / "tokenizer"),
-                          "--tasks", str(setup["tasks"]["mc"]), "--limit", "3", "--data-dir", str(setup["data"]),
-                          "--no-progress"]) == 0
+                          "--tasks", str(setup["tasks"]["mc"]), "--limit", "3", "--data_dir", str(setup["data"]),
+                          "--no_progress"]) == 0
     row = next(line.split() for line in capsys.readouterr().out.splitlines() if line.split()[:2] == ["mc", "acc"])
     assert float(row[2]) == pytest.approx(cb.history[-1]["eval/mc/acc"], abs=1e-4)
     out = tmp_path / "hf"

@@ -116,7 +116,7 @@ def test_export_import_round_trip(name, tokdir, tmp_path):
     assert again.config.padded_vocab_size == model.config.padded_vocab_size
     assert torch.allclose(lmlab_logits(again, ids), ours, atol=1e-6)
     back = tmp_path / "back.ckpt"
-    assert lmlab_main(["export", "--from-hf", str(out), "--out", str(back)]) == 0
+    assert lmlab_main(["export", "--from_hf", str(out), "--out", str(back)]) == 0
     cfg, state = load_model_state(back)
     module = PretrainModule(TransformerConfig.from_dict(cfg), init_from=str(back))
     assert torch.allclose(lmlab_logits(module.model.eval(), ids), ours, atol=1e-6)

@@ -48,7 +48,7 @@ def prepared(shared_data, tmp_path_factory):
     path.write_text(yaml.safe_dump(cfg))
     from lmlab.cli import main
 
-    assert main(["data", "prepare", "--config", str(path), "--out", str(root / "out"), "--num-proc", "2", "--quiet"]) == 0
+    assert main(["data", "prepare", "--config", str(path), "--out", str(root / "out"), "--num_proc", "2", "--quiet"]) == 0
     report = json.loads((root / "out" / "report" / "report.json").read_text())
     return root, cfg, report
 

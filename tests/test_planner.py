@@ -252,12 +252,12 @@ def test_plan_cli_reads_the_yaml_and_prints_json(capsys, monkeypatch):
 def test_plan_cli_composes_a_strategy_yaml_and_flags_a_misfit(capsys, monkeypatch):
     monkeypatch.chdir(REPO)
     rc = plan_main(["--config", "experiments/quickstart.yaml", "--config", "experiments/strategies/fsdp.yaml",
-                    "--world-size", "4", "--json"])
+                    "--world_size", "4", "--json"])
     out = json.loads(capsys.readouterr().out)
     assert rc == 0 and out["memory"]["input"]["strategy"] == "fsdp" and out["memory"]["input"]["precision"] == "bf16-mixed"
 
-    rc = plan_main(["--preset", "llama-7b", "--strategy", "ddp", "--world-size", "8", "--micro-batch", "4",
-                    "--seq-len", "4096", "--device-memory", "80GiB"])
+    rc = plan_main(["--preset", "llama-7b", "--strategy", "ddp", "--world_size", "8", "--micro_batch", "4",
+                    "--seq_len", "4096", "--device_memory", "80GiB"])
     text = capsys.readouterr().out
     assert rc == 1
     assert "fits: NO" in text and "to make it fit" in text
@@ -267,7 +267,7 @@ def test_plan_verb_is_wired_into_lmlab(capsys):
     from lmlab.cli import main
 
     assert main(["plan", "--preset", "gpt3-175b", "--tokens", "300e9", "--convention", "6n",
-                 "--world-size", "1024", "--strategy", "zero3", "--json"]) in (0, 1)
+                 "--world_size", "1024", "--strategy", "zero3", "--json"]) in (0, 1)
     out = json.loads(capsys.readouterr().out)
     assert out["compute"]["pf_days"] == pytest.approx(3640, rel=0.01)
 

@@ -33,7 +33,7 @@ def runs_csv(tmp_path_factory):
     return path
 
 
-COLS = ["--n-col", "params", "--d-col", "tokens", "--loss-col", "val_loss"]
+COLS = ["--n_col", "params", "--d_col", "tokens", "--loss_col", "val_loss"]
 
 
 def _json(capsys) -> dict:
@@ -70,7 +70,7 @@ def test_fit_approach3_bootstrap_intervals(runs_csv, capsys):
 
 def test_fit_approach2_and_kaplan_json(runs_csv, capsys):
     with pytest.warns(UserWarning):
-        assert main(["fit", str(runs_csv), *COLS, "--method", "approach2", "--budget-col", "budget", "--json"]) == 0
+        assert main(["fit", str(runs_csv), *COLS, "--method", "approach2", "--budget_col", "budget", "--json"]) == 0
     obj = _json(capsys)
     assert obj["method"] == "approach2" and obj["n_optima"] == 6 and obj["n_points"] == 42
     assert obj["a"] == pytest.approx(LAW.a, abs=0.02) and obj["a"] + obj["b"] == pytest.approx(1.0)
@@ -99,11 +99,11 @@ def test_fit_table_output_and_plot(runs_csv, capsys, tmp_path):
     "argv, field",
     [
         (["fit", "/nonexistent/runs.csv"], "/nonexistent/runs.csv"),
-        (["fit", "RUNS", "--n-col", "nope"], "--n-col"),
+        (["fit", "RUNS", "--n_col", "nope"], "--n_col"),
         (["fit", "RUNS", *COLS, "--bootstrap", "10", "--level", "95"], "--level"),
-        (["fit", "RUNS", "--method", "approach9"], "arguments"),
+        (["fit", "RUNS", "--method", "approach9"], "--method"),
         (["plan", "--compute", "1e21", "--mfu", "2"], "--mfu"),
-        (["plan"], "arguments"),
+        (["plan"], "--compute"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(argv, field, runs_csv, capsys):
@@ -113,11 +113,11 @@ def test_bad_input_exits_2_with_one_line(argv, field, runs_csv, capsys):
     assert captured.out == ""
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1, captured.err
-    assert lines[0].startswith(f"lmlab scaling: {field}: ") and lines[0].endswith(")")
+    assert lines[0].startswith(f"lmlab scaling: error: {field}: ") and lines[0].endswith(")")
 
 
 def test_plan_json(capsys):
-    assert main(["plan", "--compute", "1e21", "--accelerators", "8", "--peak-flops", "989e12", "--mfu", "0.4", "--json"]) == 0
+    assert main(["plan", "--compute", "1e21", "--accelerators", "8", "--peak_flops", "989e12", "--mfu", "0.4", "--json"]) == 0
     obj = _json(capsys)
     expected = plan_compute(1e21, EPOCH_2024, accelerators=8, peak_flops=989e12, mfu=0.4)
     assert obj["N_opt"] == pytest.approx(expected.N_opt) and obj["D_opt"] == pytest.approx(expected.D_opt)
@@ -129,7 +129,7 @@ def test_plan_json(capsys):
 
 def test_plan_table_and_write_config(tmp_path, capsys):
     out_yaml = tmp_path / "cfg" / "plan.yaml"
-    rc = main(["plan", "--compute", "1e20", "--batch-tokens", "262144", "--write-config", str(out_yaml)])
+    rc = main(["plan", "--compute", "1e20", "--batch_tokens", "262144", "--write_config", str(out_yaml)])
     assert rc == 0
     out = capsys.readouterr().out
     for word in ("N_opt", "D_opt", "loss", "PF-days", "days on 1 x"):
@@ -150,7 +150,7 @@ def test_plan_table_and_write_config(tmp_path, capsys):
 def test_plan_from_fit_json(tmp_path, capsys):
     fit_json = tmp_path / "fit.json"
     fit_json.write_text(json.dumps({"E": 1.9, "A": 450.0, "B": 1800.0, "alpha": 0.35, "beta": 0.33}))
-    assert main(["plan", "--compute", "1e22", "--fit-json", str(fit_json), "--json"]) == 0
+    assert main(["plan", "--compute", "1e22", "--fit_json", str(fit_json), "--json"]) == 0
     obj = _json(capsys)
     n_opt, _ = LAW.optimal(1e22)
     assert obj["N_opt"] == pytest.approx(n_opt)
@@ -166,7 +166,7 @@ def test_fit_logs_parameters_and_plot_to_an_offline_wandb_run(tmp_path, monkeypa
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     png = tmp_path / "fit.png"
-    assert main(["fit", str(csv), "--plot", str(png), "--wandb", "lmlab-test", "--wandb-dir", str(tmp_path)]) == 0
+    assert main(["fit", str(csv), "--plot", str(png), "--wandb", "lmlab-test", "--wandb_dir", str(tmp_path)]) == 0
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     images = list(runs[0].rglob("*.png"))

@@ -99,7 +99,7 @@ def test_missing_column_and_file_are_config_errors(tmp_path):
     path = _write(tmp_path, _clean_frame())
     with pytest.raises(ConfigError) as err:
         load_results(path, loss_col="val_loss")
-    assert err.value.field == "--loss-col" and "val_loss" in str(err.value) and "columns are: N, D, loss" in str(err.value)
+    assert err.value.field == "--loss_col" and "val_loss" in str(err.value) and "columns are: N, D, loss" in str(err.value)
     with pytest.raises(ConfigError, match="not found"):
         load_results(tmp_path / "nope.csv")
 

@@ -57,7 +57,7 @@ def test_best_lr_per_size_groups_near_equal_sizes_and_flags_edges():
         fit_lr_rule(pd.DataFrame({"N": [1e5, 1e5], "lr": [1e-3, 2e-3], "loss": [3.0, 2.9]}), bootstrap=0)
     with pytest.raises(ConfigError) as e:
         fit_lr_rule(pd.DataFrame({"N": [1e5], "learning_rate": [1e-3], "loss": [3.0]}))
-    assert e.value.field == "--lr-col"
+    assert e.value.field == "--lr_col"
 
 
 def test_cli_writes_a_fragment_that_composes_with_the_base_config(tmp_path, capsys, monkeypatch):

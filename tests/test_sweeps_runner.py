@@ -221,15 +221,15 @@ def test_args_json_file_macro_and_cli(tmp_path, capsys):
         "command": ["${interpreter}", str(reader), "${args_json_file}"],
     }))
     state = tmp_path / "st"
-    assert sweep_main(["run", str(spec_path), "--state", str(state), "--no-progress"]) == 0
+    assert sweep_main(["run", str(spec_path), "--state", str(state), "--no_progress"]) == 0
     out = capsys.readouterr().out
     assert "2 finished, 0 failed" in out and "best score = 2" in out
     files = sorted(state.glob("runs/*/config-*.json"))
     assert [json.loads(f.read_text()) for f in files] == [{"lr": 0.1}, {"lr": 0.2}]
     assert sweep_main(["status", str(state)]) == 0
     assert out.count("finished") <= capsys.readouterr().out.count("finished") + 1
-    # --dry-run prints the commands and creates nothing
-    assert sweep_main(["run", str(spec_path), "--state", str(tmp_path / "dry"), "--dry-run"]) == 0
+    # --dry_run prints the commands and creates nothing
+    assert sweep_main(["run", str(spec_path), "--state", str(tmp_path / "dry"), "--dry_run"]) == 0
     printed = capsys.readouterr().out
     assert "2 run(s)" in printed and str(reader) in printed and not (tmp_path / "dry").exists()
 

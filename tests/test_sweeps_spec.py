@@ -79,7 +79,7 @@ def test_overrides_lightning_rejects_fail_before_any_run_naming_the_parameter(tm
     }
     sweep.write_text(yaml.safe_dump(base(parameters=params)))
     state = tmp_path / "state"
-    assert sweep_main(["run", str(sweep), "--state", str(state), "--no-progress"]) == 2
+    assert sweep_main(["run", str(sweep), "--state", str(state), "--no_progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert "parameters.model.config.n_layerz" in err and "n_layerz" in err.split(":", 2)[-1]
@@ -88,7 +88,7 @@ def test_overrides_lightning_rejects_fail_before_any_run_naming_the_parameter(tm
 
     # an ill-typed value is caught the same way
     sweep.write_text(yaml.safe_dump(base(parameters={"model.optimizer.lr": {"values": ["fast"]}})))
-    assert sweep_main(["run", str(sweep), "--state", str(state), "--dry-run"]) == 2
+    assert sweep_main(["run", str(sweep), "--state", str(state), "--dry_run"]) == 2
     assert "parameters.model.optimizer.lr" in capsys.readouterr().err
 
 

@@ -5,23 +5,20 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
-
-import yaml
+from typing import Optional
 
 from lmlab.data.datamodule import train_tokenizer_on_mixture
 from lmlab.data.sources import SourceConfig, iter_documents, validate_sources
 from lmlab.data.tokenizer import TokenizerTrainConfig, load_tokenizer, token_byte_lengths
 from lmlab.errors import ConfigError
+from lmlab.verbs import positional, run
 
 
 def _data_section(path: str) -> dict:
-    try:
-        cfg = yaml.safe_load(Path(path).read_text())
-    except FileNotFoundError:
-        raise ConfigError("--config", f"{path} does not exist", "give an experiment YAML") from None
-    data = (cfg or {}).get("data") or {}
-    return data.get("init_args", data)
+    """The ``data`` arguments of an experiment YAML, read as ``lmlab fit`` reads it."""
+    from lmlab.training_config import init_args, load_training_config
+
+    return init_args(load_training_config([path], budget=False).get("data"))
 
 
 def _train(args) -> int:
@@ -62,21 +59,33 @@ def _info(args) -> int:
     return 0
 
 
-def main(argv: list[str]) -> int:
-    """Train a tokenizer on an experiment's mixture, or describe one."""
-    parser = argparse.ArgumentParser(prog="lmlab tokenizer", description=__doc__)
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    t = sub.add_parser("train", help="train a byte-level BPE on a weighted sample of an experiment's mixture")
-    t.add_argument("--config", required=True, help="experiment YAML whose data.sources to sample")
-    t.add_argument("--out", help="output directory (default: data.tokenizer of the YAML)")
-    t.add_argument("--vocab-size", type=int, help="vocabulary size, special tokens included")
-    t.add_argument("--sample-chars", type=int, help="characters sampled from the mixture")
-    i = sub.add_parser("info", help="vocabulary, special tokens and bytes per token")
-    i.add_argument("tokenizer")
-    i.add_argument("--config", help="measure bytes/token on this YAML's sources")
-    args = parser.parse_args(argv)
-    return _train(args) if args.cmd == "train" else _info(args)
+def train(config: str, out: Optional[str] = None, vocab_size: Optional[int] = None, sample_chars: Optional[int] = None) -> int:
+    """Train a byte-level BPE on a weighted sample of an experiment's mixture.
+
+    Args:
+        config: Experiment YAML whose data.sources to sample.
+        out: Output directory (default: data.tokenizer of the YAML).
+        vocab_size: Vocabulary size, special tokens included (default: data.tokenizer_train of the YAML).
+        sample_chars: Characters sampled from the mixture (default: data.tokenizer_train of the YAML).
+    """
+    return _train(argparse.Namespace(**locals()))
+
+
+@positional("tokenizer")
+def info(tokenizer: str, config: Optional[str] = None) -> int:
+    """Vocabulary, special tokens and bytes per token of a tokenizer.
+
+    Args:
+        tokenizer: Tokenizer directory.
+        config: Measure bytes/token on this experiment YAML's sources.
+    """
+    return _info(argparse.Namespace(**locals()))
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Entry point of ``lmlab tokenizer``: train a tokenizer on an experiment's mixture, or describe one."""
+    return run("lmlab tokenizer", {"_help": __doc__, "train": train, "info": info}, argv)
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main())

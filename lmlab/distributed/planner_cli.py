@@ -1,8 +1,8 @@
 """``lmlab plan``: memory and compute plan for a training config, without building anything.
 
     lmlab plan --config experiments/quickstart.yaml
-    lmlab plan --config experiments/chinchilla.yaml --config experiments/strategies/fsdp.yaml --world-size 8
-    lmlab plan --preset llama-7b --strategy fsdp --world-size 8 --micro-batch 4 --seq-len 4096 --device-memory 80GiB
+    lmlab plan --config experiments/chinchilla.yaml --config experiments/strategies/fsdp.yaml --world_size 8
+    lmlab plan --preset llama-7b --strategy fsdp --world_size 8 --micro_batch 4 --seq_len 4096 --device_memory 80GiB
     lmlab plan --preset gpt3-175b --tokens 300e9 --convention 6n --json
 
 Settings come from the YAML(s) (model shape, precision, strategy, devices,
@@ -12,60 +12,16 @@ batch, sequence length, steps); flags override them.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
-import sys
-from typing import Any, Optional
+import json as _json
+from typing import Any, Literal, Optional
 
 from lmlab.distributed.hardware import lookup_device_memory, lookup_peak_flops, parse_bytes
 from lmlab.distributed.planner import STRATEGIES, PlanInput, estimate_compute, format_plan, plan_memory
 from lmlab.distributed.validate import resolve_devices, strategy_info
 from lmlab.errors import ConfigError
 from lmlab.models.config import TransformerConfig
-
-
-def _merge(a: dict, b: dict) -> dict:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def load_configs(paths: list[str]) -> dict:
-    """Compose YAML files in order, later keys winning (like repeated ``--config``)."""
-    import yaml
-
-    cfg: dict = {}
-    for path in paths:
-        try:
-            with open(path) as f:
-                data = yaml.safe_load(f) or {}
-        except OSError as e:
-            raise ConfigError("--config", f"cannot read {path}: {e.strerror}") from None
-        cfg = _merge(cfg, data)
-    return cfg
-
-
-def _init(section: Any) -> dict:
-    if not isinstance(section, dict):
-        return {}
-    return dict(section.get("init_args", section) or {})
-
-
-def _apply_budget(cfg: dict) -> dict:
-    if not (cfg.get("budget") or {}).get("compute") and not (cfg.get("budget") or {}).get("params"):
-        return cfg
-    try:
-        from jsonargparse import dict_to_namespace
-
-        from lmlab.scaling.budget import apply_budget
-
-        ns = dict_to_namespace(cfg)
-        with contextlib.redirect_stdout(sys.stderr):
-            apply_budget(ns)
-        return ns.as_dict()
-    except (ImportError, AttributeError, KeyError, TypeError):
-        return cfg
+from lmlab.training_config import as_dict, init_args, load_training_config
+from lmlab.verbs import run
 
 
 _FSDP_SHARDING = {"FULL_SHARD": "fsdp", "SHARD_GRAD_OP": "fsdp-grad-op", "HYBRID_SHARD": "fsdp-hybrid",
@@ -101,38 +57,86 @@ def _strategy_from_trainer(trainer: dict, world: int) -> dict:
     return out
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lmlab plan", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", action="append", default=[], help="training YAML (repeat to compose, like lmlab fit)")
-    p.add_argument("--preset", help="plan a model preset instead of (or over) the YAML's model.config")
-    p.add_argument("--json", action="store_true", help="print the plan as JSON")
-    p.add_argument("--strategy", choices=STRATEGIES, help="override the YAML's strategy")
-    p.add_argument("--world-size", type=int, help="devices in total (default: trainer.devices x num_nodes)")
-    p.add_argument("--tp", type=int, help="tensor-parallel degree (fsdp2)")
-    p.add_argument("--micro-batch", type=int, help="sequences per device per forward/backward")
-    p.add_argument("--seq-len", type=int, help="tokens per sequence (default: data.seq_len)")
-    p.add_argument("--precision", help="32-true, bf16-mixed, bf16-true, 16-mixed (default: trainer.precision)")
-    p.add_argument("--activation-checkpointing", action="store_true", default=None, help="recompute blocks in backward")
-    p.add_argument("--offload", action="store_true", default=None, help="optimizer states in host memory")
-    p.add_argument("--accelerator", default="h100", help="device name for peak FLOP/s and memory (default h100)")
-    p.add_argument("--device-memory", help="bytes per device, e.g. 80GiB (default: the accelerator's)")
-    p.add_argument("--reserve", type=float, default=0.1, help="fraction of device memory left free (default 0.1)")
-    p.add_argument("--gpus-per-node", type=int, default=8, help="shard group of fsdp-hybrid (default 8)")
-    p.add_argument("--tokens", type=float, help="training tokens (default: max_steps x batch_size x seq_len)")
-    p.add_argument("--convention", choices=("6n", "kaplan", "palm"), help="FLOP convention (default: the module's)")
-    p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation for the time estimate (default 0.4)")
-    p.add_argument("--peak-flops", type=float, help="peak FLOP/s per device (default: looked up from --accelerator)")
-    p.add_argument("--kernels", choices=("cuda", "cpu"), default="cuda", help="kernel behaviour to assume (default cuda)")
-    return p
+Strategy = Literal[STRATEGIES]  # type: ignore[valid-type]
+
+
+def plan(
+    config: list[str] = [],  # noqa: B006 - jsonargparse reads the default; never mutated
+    override: list[str] = [],  # noqa: B006
+    preset: Optional[str] = None,
+    json: bool = False,
+    strategy: Optional[Strategy] = None,
+    world_size: Optional[int] = None,
+    tp: Optional[int] = None,
+    micro_batch: Optional[int] = None,
+    seq_len: Optional[int] = None,
+    precision: Optional[str] = None,
+    activation_checkpointing: Optional[bool] = None,
+    offload: Optional[bool] = None,
+    accelerator: str = "h100",
+    device_memory: Optional[str] = None,
+    reserve: float = 0.1,
+    gpus_per_node: int = 8,
+    tokens: Optional[float] = None,
+    convention: Optional[Literal["6n", "kaplan", "palm"]] = None,
+    mfu: float = 0.4,
+    peak_flops: Optional[float] = None,
+    kernels: Literal["cuda", "cpu"] = "cuda",
+) -> int:
+    """Memory and compute plan for a training config, without building anything (exit 1 when it does not fit).
+
+    Settings come from the training YAML(s) (model shape, precision,
+    strategy, devices, batch, sequence length, steps), read as ``lmlab fit``
+    reads them; the flags below override them.
+
+    Args:
+        config: Training YAML (repeat --config to compose, like lmlab fit).
+        override: Dotted override of the training config, e.g. trainer.devices=8 (repeatable).
+        preset: Plan a model preset instead of (or over) the YAML's model.config.
+        json: Print the plan as JSON.
+        strategy: Override the YAML's strategy.
+        world_size: Devices in total (default: trainer.devices x num_nodes).
+        tp: Tensor-parallel degree (fsdp2).
+        micro_batch: Sequences per device per forward/backward.
+        seq_len: Tokens per sequence (default: data.seq_len).
+        precision: 32-true, bf16-mixed, bf16-true, 16-mixed (default: trainer.precision).
+        activation_checkpointing: Recompute blocks in backward.
+        offload: Optimizer states in host memory.
+        accelerator: Device name for peak FLOP/s and memory.
+        device_memory: Bytes per device, e.g. 80GiB (default: the accelerator's).
+        reserve: Fraction of device memory left free.
+        gpus_per_node: Shard group of fsdp-hybrid.
+        tokens: Training tokens (default: max_steps x batch_size x seq_len).
+        convention: FLOP convention (default: the module's).
+        mfu: Model FLOPs utilisation for the time estimate.
+        peak_flops: Peak FLOP/s per device (default: looked up from --accelerator).
+        kernels: Kernel behaviour to assume.
+    """
+    args = argparse.Namespace(**locals())
+    try:
+        args.device_memory and parse_bytes(args.device_memory)
+    except ValueError as e:
+        raise ConfigError("--device_memory", str(e), "write e.g. 80GiB") from None
+    if not 0 <= reserve < 1:
+        raise ConfigError("--reserve", f"must be in [0, 1), got {reserve}", "e.g. 0.1 keeps a tenth of device memory free")
+    if not 0 < mfu <= 1:
+        raise ConfigError("--mfu", f"must be in (0, 1], got {mfu}", "e.g. 0.4")
+    if override and not config:
+        raise ConfigError("--override", "needs a training YAML", "add --config experiments/X.yaml")
+    mem, comp = make_plan(args)
+    if args.json:
+        print(_json.dumps({"memory": mem.as_dict(), "compute": comp.as_dict()}, indent=2, default=str))
+    else:
+        print(format_plan(mem, comp if comp.tokens else None))
+    return 0 if mem.fits in (None, True) else 1
 
 
 def make_plan(args: argparse.Namespace) -> tuple:
     """(MemoryPlan, ComputeEstimate) from parsed ``lmlab plan`` arguments."""
-    cfg = _apply_budget(load_configs(args.config)) if args.config else {}
+    cfg = as_dict(load_training_config(args.config, args.override)) if args.config else {}
     trainer = cfg.get("trainer") or {}
-    model = _init(cfg.get("model"))
-    data = _init(cfg.get("data"))
+    model = init_args(cfg.get("model"))
+    data = init_args(cfg.get("data"))
 
     model_cfg = dict(model.get("config") or {})
     if args.preset:
@@ -191,18 +195,8 @@ def make_plan(args: argparse.Namespace) -> tuple:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    """Entry point of ``lmlab plan``; returns the exit code (1 when the plan does not fit)."""
-    args = build_parser().parse_args(argv)
-    try:
-        args.device_memory and parse_bytes(args.device_memory)
-    except ValueError as e:
-        raise ConfigError("--device-memory", str(e)) from None
-    mem, comp = make_plan(args)
-    if args.json:
-        print(json.dumps({"memory": mem.as_dict(), "compute": comp.as_dict()}, indent=2, default=str))
-    else:
-        print(format_plan(mem, comp if comp.tokens else None))
-    return 0 if mem.fits in (None, True) else 1
+    """Entry point of ``lmlab plan``; returns the exit code (1 when the plan does not fit, 2 for bad input)."""
+    return run("lmlab plan", plan, argv)
 
 
 if __name__ == "__main__":

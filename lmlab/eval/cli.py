@@ -10,7 +10,7 @@
 
 ``--ckpt`` is a Lightning ``.ckpt``, an lmlab export or an HF export
 directory; the tokenizer defaults to the one beside the checkpoint or in its
-run's ``config.yaml``. Task data is read from ``--data-dir`` (default
+run's ``config.yaml``. Task data is read from ``--data_dir`` (default
 ``$LMLAB_EVAL_DATA`` or ``../shared/data/eval``).
 """
 
@@ -22,10 +22,10 @@ import importlib.util
 import json
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from lmlab.errors import ConfigError
-from lmlab.export import DTYPES, OneLineParser, parse_dtype, run_main
+from lmlab.export import Dtype, parse_dtype
 
 PROG = "lmlab eval"
 COMPARE_MODULE = "lmlab.eval.compare_cli"
@@ -40,55 +40,6 @@ def _device(name: Optional[str]) -> str:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("--device", f"{name} requested but CUDA is not available", "use --device cpu")
     return name
-
-
-def _limit(text: str) -> int | float:
-    try:
-        value: int | float = int(text)
-    except ValueError:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer or a fraction, got {text!r}") from None
-    return value
-
-
-def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ckpt", required=True, help="Lightning .ckpt, lmlab export or HF export directory")
-    p.add_argument("--tokenizer", help="tokenizer directory (default: beside the checkpoint / its run config)")
-    p.add_argument("--batch-size", type=int, default=16, help="requests per forward pass (default 16)")
-    p.add_argument("--max-length", type=int, help="longest input (default: the model's max_seq_len)")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    p.add_argument("--dtype", choices=tuple(DTYPES), help="cast weights (default: as stored)")
-
-
-def _run_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog=PROG, description="Evaluate a checkpoint on downstream tasks (`lmlab eval perplexity -h`, "
-                      "`lmlab eval tasks`, `lmlab eval compare -h` for the other commands).")
-    _model_args(p)
-    p.add_argument("--tasks", required=True, help="comma-separated task names or task YAML paths")
-    p.add_argument("--limit", type=_limit, help="first N docs per task, or a fraction (0, 1]")
-    p.add_argument("--num-fewshot", type=int, help="override every task's few-shot count")
-    p.add_argument("--data-dir", help="task data directory (default: $LMLAB_EVAL_DATA or ../shared/data/eval)")
-    p.add_argument("--out", help="write results.json and samples_<task>.jsonl here")
-    p.add_argument("--seed", type=int, default=1234, help="few-shot sampling / bootstrap seed")
-    p.add_argument("--online", action="store_true", help="allow downloading task data missing locally")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    return p
-
-
-def _ppl_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog=f"{PROG} perplexity",
-                      description="Perplexity and bits per byte, per source of a mixture's validation split or on files.")
-    _model_args(p)
-    what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--config", help="experiment YAML: score its mixture's validation split per source")
-    what.add_argument("--text", action="append", help="a .txt file (one document) or .jsonl ({'text'} per line); repeatable")
-    p.add_argument("--stride", type=int, help="sliding-window stride (default: max_length // 2; = max_length is chunked)")
-    p.add_argument("--max-documents", type=int, help="score at most this many documents per source")
-    p.add_argument("--no-prefix", action="store_true", help="do not put EOS before each document (first token unscored)")
-    p.add_argument("--out", help="write the results as JSON to this file")
-    return p
 
 
 # --- commands ----------------------------------------------------------------------------------------
@@ -110,12 +61,45 @@ def _load(args: argparse.Namespace, fallback_tokenizer: Optional[str] = None):
     return model, tokenizer, device
 
 
-def _run(argv: list[str]) -> int:
+def run_tasks(
+    ckpt: str,
+    tasks: str,
+    tokenizer: Optional[str] = None,
+    batch_size: int = 16,
+    max_length: Optional[int] = None,
+    device: Optional[str] = None,
+    dtype: Optional[Dtype] = None,
+    limit: Optional[Union[int, float]] = None,
+    num_fewshot: Optional[int] = None,
+    data_dir: Optional[str] = None,
+    out: Optional[str] = None,
+    seed: int = 1234,
+    online: bool = False,
+    progress: bool = True,
+) -> int:
+    """Evaluate a checkpoint on downstream tasks (the default: ``lmlab eval --ckpt ... --tasks ...``).
+
+    Args:
+        ckpt: Lightning .ckpt, lmlab export or HF export directory.
+        tasks: Comma-separated task names or task YAML paths.
+        tokenizer: Tokenizer directory (default: beside the checkpoint / its run config).
+        batch_size: Requests per forward pass.
+        max_length: Longest input (default: the model's max_seq_len).
+        device: cpu, cuda, cuda:1 ... (default: cuda when available).
+        dtype: Cast weights (default: as stored).
+        limit: First N docs per task, or a fraction in (0, 1].
+        num_fewshot: Override every task's few-shot count.
+        data_dir: Task data directory (default: $LMLAB_EVAL_DATA or ../shared/data/eval).
+        out: Write results.json and samples_<task>.jsonl here.
+        seed: Few-shot sampling / bootstrap seed.
+        online: Allow downloading task data missing locally.
+        progress: Show progress bars (--no_progress hides them).
+    """
     from lmlab.eval.adapter import LmlabLM
     from lmlab.eval.harness import evaluate
     from lmlab.eval.tasks import task_file
 
-    args = _run_parser().parse_args(argv)
+    args = argparse.Namespace(**locals())
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not tasks:
         raise ConfigError("--tasks", "no task named", "e.g. --tasks hellaswag,arc_easy")
@@ -125,7 +109,7 @@ def _run(argv: list[str]) -> int:
     lm = LmlabLM(model, tokenizer, batch_size=args.batch_size, max_length=args.max_length, device=device)
     out = evaluate(lm, tasks, data_dir=args.data_dir, limit=args.limit, num_fewshot=args.num_fewshot,
                    batch_size=args.batch_size, seed=args.seed, output_dir=args.out, online=args.online or None,
-                   progress=not args.no_progress)
+                   progress=args.progress)
     print(format_results(out["results"]))
     if lm.stats["hit_max_new_tokens"]:
         print(f"note: {lm.stats['hit_max_new_tokens']} of {lm.stats['generations']} generations reached "
@@ -181,15 +165,46 @@ def _read_texts(paths: list[str]) -> list[str]:
     return texts
 
 
-def _perplexity(argv: list[str]) -> int:
+def perplexity_verb(
+    ckpt: str,
+    config: Optional[str] = None,
+    text: Optional[list[str]] = None,
+    tokenizer: Optional[str] = None,
+    batch_size: int = 16,
+    max_length: Optional[int] = None,
+    device: Optional[str] = None,
+    dtype: Optional[Dtype] = None,
+    stride: Optional[int] = None,
+    max_documents: Optional[int] = None,
+    prefix: bool = True,
+    out: Optional[str] = None,
+) -> int:
+    """Perplexity and bits per byte, per source of a mixture's validation split or on files.
+
+    Args:
+        ckpt: Lightning .ckpt, lmlab export or HF export directory.
+        config: Experiment YAML: score its mixture's validation split per source (several compose, like lmlab fit).
+        text: A .txt file (one document) or .jsonl ({"text"} per line); repeat --text for more.
+        tokenizer: Tokenizer directory (default: beside the checkpoint / its run config).
+        batch_size: Windows per forward pass.
+        max_length: Window length (default: the model's max_seq_len).
+        device: cpu, cuda, cuda:1 ... (default: cuda when available).
+        dtype: Cast weights (default: as stored).
+        stride: Sliding-window stride (default: max_length // 2; = max_length is chunked).
+        max_documents: Score at most this many documents per source.
+        prefix: Put EOS before each document so its first token is scored (--no_prefix: do not).
+        out: Write the results as JSON to this file.
+    """
     from lmlab.eval.perplexity import experiment_mixture, mixture_perplexity, perplexity
 
-    args = _ppl_parser().parse_args(argv)
+    args = argparse.Namespace(**locals())
+    if (config is None) == (not text):
+        raise ConfigError("--config", "give exactly one of --config and --text", "--config EXPERIMENT.yaml or --text FILE")
     mixture = experiment_mixture(args.config) if args.config else None
     texts = _read_texts(args.text) if args.text else None
     model, tokenizer, device = _load(args, fallback_tokenizer=mixture["tokenizer"] if mixture else None)
     common = dict(max_length=args.max_length, stride=args.stride, batch_size=args.batch_size,
-                  max_documents=args.max_documents, prefix=not args.no_prefix, device=device)
+                  max_documents=args.max_documents, prefix=args.prefix, device=device)
     if mixture is not None:
         results = mixture_perplexity(model, tokenizer, mixture["sources"], val_fraction=mixture["val_fraction"],
                                      seed=mixture["seed"], cache_dir=mixture["cache_dir"], **common)
@@ -215,10 +230,10 @@ def format_perplexity(results: dict) -> str:
     return "\n".join(lines)
 
 
-def _tasks(argv: list[str]) -> int:
+def tasks() -> int:
+    """List the built-in tasks."""
     from lmlab.eval.tasks import list_tasks
 
-    OneLineParser(prog=f"{PROG} tasks", description="List the built-in tasks.").parse_args(argv)
     print("\n".join(list_tasks()))
     return 0
 
@@ -230,18 +245,22 @@ def _compare(argv: list[str]) -> int:
     return int(importlib.import_module(COMPARE_MODULE).main(argv) or 0)
 
 
-COMMANDS = {"perplexity": _perplexity, "ppl": _perplexity, "tasks": _tasks, "compare": _compare}
-
-
-def _main(argv: list[str]) -> int:
-    if argv and argv[0] in COMMANDS:
-        return COMMANDS[argv[0]](argv[1:])
-    return _run(argv)
+COMMANDS = {"_help": "Evaluate a checkpoint: downstream tasks (run, the default), perplexity, the task list, "
+            "pairwise comparison (compare).", "run": run_tasks, "perplexity": perplexity_verb, "tasks": tasks}
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     """Entry point of ``lmlab eval``."""
-    return run_main(PROG, _main, list(sys.argv[1:] if argv is None else argv))
+    from lmlab.verbs import run
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "compare":  # a verb of its own, with its own parser
+        try:
+            return _compare(argv[1:])
+        except ConfigError as e:
+            print(f"{PROG}: error: {e}", file=sys.stderr)
+            return 2
+    return run(PROG, COMMANDS, argv, default="run", aliases={"ppl": "perplexity"})
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """``lmlab eval compare``: pairwise human (or reward-model) preference evaluation of checkpoints.
 
     lmlab eval compare --a CKPT_A --b CKPT_B [--model NAME=CKPT ...] --prompts FILE
-        [--judge web|jsonl|reward-model] [--judgments FILE.jsonl] [--reward-model CKPT]
+        [--judge web|jsonl|reward-model] [--judgments FILE.jsonl] [--reward_model CKPT]
         [--db DIR/judgments.sqlite] [--out DIR] [--port 0] [--host 127.0.0.1]
 
 Every model answers every prompt (responses cached in the database); all pairs
@@ -14,7 +14,7 @@ intervals per criterion and writes ``results.json`` and ``ratings.png`` to
 ``--out`` (default: the database's directory).
 
 ``--a``/``--b`` take ``CKPT`` (named ``a``/``b``) or ``NAME=CKPT``. Bad input
-exits with status 2 and one line: ``lmlab eval compare: <field>: <problem> (<fix>)``.
+exits with status 2 and one line: ``lmlab eval compare: error: <field>: <problem> (<fix>)``.
 """
 
 from __future__ import annotations
@@ -27,9 +27,10 @@ import threading
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, Literal, Optional
 
 from lmlab.errors import ConfigError
+from lmlab.verbs import run
 
 PROG = "lmlab eval compare"
 DEFAULT_DB = "runs/compare/judgments.sqlite"
@@ -37,44 +38,67 @@ DEFAULT_DB = "runs/compare/judgments.sqlite"
 DONE_GRACE_S = 3.0
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports usage mistakes as a ConfigError (one line) instead of printing usage."""
+def compare(
+    a: Optional[str] = None,
+    b: Optional[str] = None,
+    model: list[str] = [],  # noqa: B006 - jsonargparse reads the default; never mutated
+    prompts: Optional[str] = None,
+    tokenizer: Optional[str] = None,
+    max_new_tokens: int = 256,
+    chat_template: bool = True,
+    seed: int = 0,
+    device: Optional[str] = None,
+    judge: Literal["web", "jsonl", "reward-model"] = "web",
+    judgments: Optional[str] = None,
+    reward_model: Optional[str] = None,
+    tie_margin: float = 0.0,
+    db: str = DEFAULT_DB,
+    annotator: str = "",
+    host: str = "127.0.0.1",
+    port: int = 0,
+    keep_serving: bool = False,
+    out: Optional[str] = None,
+    bootstrap: int = 1000,
+    level: float = 0.95,
+    k_factor: float = 32.0,
+    anchor: float = 1000.0,
+    anchor_model: Optional[str] = None,
+) -> int:
+    """Pairwise preference evaluation: generate paired responses, collect judgments, rate the models.
 
-    def error(self, message: str) -> NoReturn:
-        raise ConfigError("arguments", message, f"see {PROG} --help")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``lmlab eval compare``."""
-    p = _Parser(prog=PROG, description="Pairwise preference evaluation: generate paired responses, collect judgments, rate the models.")
-    m = p.add_argument_group("models and prompts")
-    m.add_argument("--a", metavar="[NAME=]CKPT", help="first model (named 'a' unless NAME= is given)")
-    m.add_argument("--b", metavar="[NAME=]CKPT", help="second model (named 'b' unless NAME= is given)")
-    m.add_argument("--model", action="append", default=[], metavar="NAME=CKPT", help="another model; repeat for more")
-    m.add_argument("--prompts", metavar="FILE", help="prompts: .txt (one per line), .jsonl or .json")
-    m.add_argument("--tokenizer", default=None, help="tokenizer directory or tokenizer.json (default: the one found beside each checkpoint)")
-    m.add_argument("--max-new-tokens", type=int, default=256)
-    m.add_argument("--no-chat-template", action="store_true", help="feed prompts as plain text (base models)")
-    m.add_argument("--seed", type=int, default=0, help="seed of the side assignment, pair order and bootstrap")
-    m.add_argument("--device", default=None, help="device for the reward model (default: cuda if available)")
-    j = p.add_argument_group("judging")
-    j.add_argument("--judge", choices=["web", "jsonl", "reward-model"], default="web")
-    j.add_argument("--judgments", metavar="FILE.jsonl", help="judgments file for --judge jsonl")
-    j.add_argument("--reward-model", metavar="CKPT", help="reward checkpoint for --judge reward-model")
-    j.add_argument("--tie-margin", type=float, default=0.0, help="reward-model scores closer than this tie")
-    j.add_argument("--db", default=DEFAULT_DB, help=f"SQLite database of responses and judgments (default {DEFAULT_DB})")
-    j.add_argument("--annotator", default="", help="judge's name; each annotator judges every pair once")
-    j.add_argument("--host", default="127.0.0.1", help="address the page listens on (default 127.0.0.1: this machine only)")
-    j.add_argument("--port", type=int, default=0, help="port of the page (default 0: any free port)")
-    j.add_argument("--keep-serving", action="store_true", help="keep the page up after the last pair (stop with Ctrl-C)")
-    r = p.add_argument_group("ratings")
-    r.add_argument("--out", default=None, metavar="DIR", help="where results.json and ratings.png go (default: beside --db)")
-    r.add_argument("--bootstrap", type=int, default=1000, metavar="B", help="bootstrap resamples (default 1000; 0: no intervals)")
-    r.add_argument("--level", type=float, default=0.95, help="confidence level of the intervals")
-    r.add_argument("--k-factor", type=float, default=32.0, help="K of the sequential Elo view")
-    r.add_argument("--anchor", type=float, default=1000.0, help="rating given to the models' mean, or to --anchor-model (default 1000)")
-    r.add_argument("--anchor-model", default=None, metavar="NAME", help="model pinned at --anchor instead of the mean")
-    return p
+    Args:
+        a: First model, [NAME=]CKPT (named 'a' unless NAME= is given).
+        b: Second model, [NAME=]CKPT (named 'b' unless NAME= is given).
+        model: Another model, NAME=CKPT; repeat --model for more.
+        prompts: Prompts: .txt (one per line), .jsonl or .json.
+        tokenizer: Tokenizer directory or tokenizer.json (default: the one found beside each checkpoint).
+        max_new_tokens: Longest response.
+        chat_template: Wrap prompts in the chat template (--no_chat_template: plain text, for base models).
+        seed: Seed of the side assignment, pair order and bootstrap.
+        device: Device for the reward model (default: cuda if available).
+        judge: Who judges: the local web page, a JSONL file, or a reward model.
+        judgments: Judgments file for --judge jsonl.
+        reward_model: Reward checkpoint for --judge reward-model.
+        tie_margin: Reward-model scores closer than this tie.
+        db: SQLite database of responses and judgments.
+        annotator: Judge's name; each annotator judges every pair once.
+        host: Address the page listens on (default 127.0.0.1: this computer only).
+        port: Port of the page (0: any free port).
+        keep_serving: Keep the page up after the last pair (stop with Ctrl-C).
+        out: Where results.json and ratings.png go (default: beside --db).
+        bootstrap: Bootstrap resamples (0: no intervals).
+        level: Confidence level of the intervals.
+        k_factor: K of the sequential Elo view.
+        anchor: Rating given to the models' mean, or to --anchor_model.
+        anchor_model: Model pinned at --anchor instead of the mean.
+    """
+    args = argparse.Namespace(**locals())
+    models = _models(args)
+    _check_args(args, models)
+    out_dir = Path(args.out).expanduser() if args.out else Path(args.db).expanduser().parent
+    if args.judge == "jsonl":
+        return _run_jsonl(args, models, out_dir)
+    return _run_generating(args, models, out_dir)
 
 
 def _parse_model(spec: str, default_name: str | None, field: str) -> tuple[str, str]:
@@ -111,15 +135,15 @@ def _check_args(args: argparse.Namespace, models: dict[str, str]) -> None:
     if not 0 < args.level < 1:
         raise ConfigError("--level", f"must be in (0, 1), got {args.level}", "e.g. 0.95")
     if args.k_factor <= 0:
-        raise ConfigError("--k-factor", f"must be > 0, got {args.k_factor}", "the usual range is 4-32")
+        raise ConfigError("--k_factor", f"must be > 0, got {args.k_factor}", "the usual range is 4-32")
     if not 0 <= args.port <= 65535:
         raise ConfigError("--port", f"must be in 0..65535, got {args.port}", "use 0 for any free port")
     if args.max_new_tokens < 1:
-        raise ConfigError("--max-new-tokens", f"must be >= 1, got {args.max_new_tokens}")
+        raise ConfigError("--max_new_tokens", f"must be >= 1, got {args.max_new_tokens}")
     if len(args.annotator) > 64:
         raise ConfigError("--annotator", f"longer than 64 characters ({len(args.annotator)})", "use a short name")
     if args.anchor_model is not None and models and args.anchor_model not in models:
-        raise ConfigError("--anchor-model", f"{args.anchor_model!r} is not one of the models {list(models)}", "name a compared model")
+        raise ConfigError("--anchor_model", f"{args.anchor_model!r} is not one of the models {list(models)}", "name a compared model")
     if args.judge == "jsonl":
         if not args.judgments:
             raise ConfigError("--judgments", "required with --judge jsonl", "give the judgments .jsonl file")
@@ -131,7 +155,7 @@ def _check_args(args: argparse.Namespace, models: dict[str, str]) -> None:
     if not args.prompts:
         raise ConfigError("--prompts", "required to generate responses", "give a .txt, .jsonl or .json prompt file")
     if args.judge == "reward-model" and not args.reward_model:
-        raise ConfigError("--reward-model", "required with --judge reward-model", "give a reward checkpoint")
+        raise ConfigError("--reward_model", "required with --judge reward-model", "give a reward checkpoint")
 
 
 class CheckpointGenerator:
@@ -273,7 +297,7 @@ def _run_generating(args: argparse.Namespace, models: dict[str, str], out_dir: P
     from lmlab.eval.compare.store import JudgmentStore
 
     prompts = load_prompts(args.prompts)
-    chat = not args.no_chat_template
+    chat = args.chat_template
     # the model stops on its end-of-turn and EOS tokens itself; stop strings would only make it re-decode as it goes
     generators = {name: CheckpointGenerator(path, args.tokenizer, args.max_new_tokens, cut=["<|end|>", "<|eos|>"]) for name, path in models.items()}
     sources = {
@@ -308,20 +332,7 @@ def _run_generating(args: argparse.Namespace, models: dict[str, str], out_dir: P
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``lmlab eval compare``; returns the exit status (2 for bad input)."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    try:
-        args = build_parser().parse_args(argv)
-        models = _models(args)
-        _check_args(args, models)
-        out_dir = Path(args.out).expanduser() if args.out else Path(args.db).expanduser().parent
-        if args.judge == "jsonl":
-            return _run_jsonl(args, models, out_dir)
-        return _run_generating(args, models, out_dir)
-    except ConfigError as exc:
-        print(f"{PROG}: {exc}", file=sys.stderr)
-        return 2
-    except SystemExit as exc:  # --help
-        return int(exc.code or 0)
+    return run(PROG, compare, argv)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,6 @@ import math
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
@@ -311,24 +310,21 @@ def mixture_perplexity(
 
 
 def experiment_mixture(config_path: str | os.PathLike) -> dict[str, Any]:
-    """``sources``, ``tokenizer``, ``val_fraction``, ``seed`` and ``cache_dir`` of an experiment YAML's data section."""
-    import yaml
+    """``sources``, ``tokenizer``, ``val_fraction``, ``seed`` and ``cache_dir`` of an experiment YAML's data section.
 
+    The YAML is read as ``lmlab fit`` reads it, so the data module's defaults fill what it leaves out.
+    """
     from lmlab.data.sources import SourceConfig as Src
+    from lmlab.training_config import init_args, load_training_config
 
-    p = Path(config_path)
-    if not p.is_file():
-        raise ConfigError("--config", f"{p} does not exist", "give an experiment YAML")
-    cfg = yaml.safe_load(p.read_text()) or {}
-    data = cfg.get("data") or {}
-    data = data.get("init_args", data) if isinstance(data, dict) else {}
+    data = init_args(load_training_config([config_path], budget=False).get("data"))
     raw = data.get("sources")
     if not raw:
-        raise ConfigError("data.sources", f"{p} defines no sources", "use an experiment YAML with a data.sources list")
+        raise ConfigError("data.sources", f"{config_path} defines no sources", "use an experiment YAML with a data.sources list")
     try:
         sources = [Src(**s) for s in raw]
     except TypeError as e:
-        raise ConfigError("data.sources", f"invalid source in {p}: {e}") from None
+        raise ConfigError("data.sources", f"invalid source in {config_path}: {e}") from None
     return {
         "sources": sources,
         "tokenizer": data.get("tokenizer"),

@@ -1,9 +1,9 @@
 """``lmlab scaling``: fit scaling laws to a results CSV and plan compute-optimal runs.
 
     lmlab scaling fit runs.csv [--method approach3|approach1|approach2|kaplan] [--json] [--plot out.png]
-    lmlab scaling plan --compute 1e21 [--accelerators 8 --peak-flops 989e12 --mfu 0.4] [--write-config out.yaml]
+    lmlab scaling plan --compute 1e21 [--accelerators 8 --peak_flops 989e12 --mfu 0.4] [--write_config out.yaml]
 
-Bad input exits with status 2 and one line: ``lmlab scaling: <field>: <problem> (<fix>)``.
+Bad input exits with status 2 and one line: ``lmlab scaling: error: <field>: <problem> (<fix>)``.
 """
 
 from __future__ import annotations
@@ -12,10 +12,9 @@ import argparse
 import json
 import math
 import os
-import sys
 import tempfile
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, Literal, Optional
 
 import yaml
 
@@ -27,55 +26,86 @@ from lmlab.scaling.law import EPOCH_2024, HOFFMANN_2022, ChinchillaLaw
 from lmlab.scaling.parametric import GRID_4500, GRID_5400, bootstrap_approach3, fit_approach3, with_bootstrap
 from lmlab.scaling.plan import H100_PEAK_FLOPS, chinchilla_rule, plan_compute, shape_for_params, training_steps
 from lmlab.scaling.results import load_results
+from lmlab.verbs import positional, run
 
 PROG = "lmlab scaling"
 LAWS = {"epoch2024": EPOCH_2024, "hoffmann2022": HOFFMANN_2022}
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports usage mistakes as a ConfigError (one line) instead of printing usage."""
-
-    def error(self, message: str) -> NoReturn:
-        raise ConfigError("arguments", message, f"see {PROG} --help")
+Method = Literal["approach3", "approach1", "approach2", "kaplan"]
 
 
-def _build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description="Fit scaling laws and plan compute-optimal training runs.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+@positional("file")
+def fit(
+    file: str,
+    method: Method = "approach3",
+    n_col: str = "N",
+    d_col: str = "D",
+    loss_col: str = "loss",
+    compute_col: Optional[str] = None,
+    budget_col: Optional[str] = None,
+    duplicates: Literal["first", "min"] = "first",
+    bootstrap: int = 0,
+    level: float = 0.95,
+    seed: int = 0,
+    grid: Literal["5400", "4500"] = "5400",
+    bins: int = 20,
+    window: Optional[float] = None,
+    json: bool = False,
+    plot: Optional[str] = None,
+    wandb: Optional[str] = None,
+    wandb_dir: Optional[str] = None,
+) -> int:
+    """Fit a scaling law to a results CSV (one row per training run).
 
-    fit = sub.add_parser("fit", help="fit a scaling law to a results CSV")
-    fit.add_argument("file", help="CSV with one row per training run")
-    fit.add_argument("--method", choices=["approach3", "approach1", "approach2", "kaplan"], default="approach3")
-    fit.add_argument("--n-col", default="N", help="parameter-count column (default N)")
-    fit.add_argument("--d-col", default="D", help="token-count column (default D; derived as C/(6N) if absent)")
-    fit.add_argument("--loss-col", default="loss", help="final-loss column (default loss)")
-    fit.add_argument("--compute-col", default=None, help="training-FLOPs column (default: C = 6ND)")
-    fit.add_argument("--budget-col", default=None, help="IsoFLOP budget label column (approach2)")
-    fit.add_argument("--duplicates", choices=["first", "min"], default="first", help="which duplicate (N, D) run to keep")
-    fit.add_argument("--bootstrap", type=int, default=0, metavar="B", help="bootstrap resamples for intervals")
-    fit.add_argument("--level", type=float, default=0.95, help="confidence level of the intervals (default 0.95)")
-    fit.add_argument("--seed", type=int, default=0, help="bootstrap random seed")
-    fit.add_argument("--grid", choices=["5400", "4500"], default="5400", help="approach3 start grid")
-    fit.add_argument("--bins", type=int, default=20, help="approach1 compute bins")
-    fit.add_argument("--window", type=float, default=None, help="approach2: fit within this many decades of each budget's best N")
-    fit.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    fit.add_argument("--plot", default=None, metavar="PNG", help="write a plot of the fit")
-    fit.add_argument("--wandb", default=None, metavar="PROJECT",
-                     help="also log the fit and its plot to a W&B run in PROJECT (offline without an API key)")
-    fit.add_argument("--wandb-dir", default=None, metavar="DIR",
-                     help="where the W&B run directory goes (default $WANDB_DIR, else runs/)")
+    Args:
+        file: CSV with one row per training run.
+        method: approach3 (parametric L(N, D)), approach1/approach2 (compute-optimal allocation) or kaplan.
+        n_col: Parameter-count column.
+        d_col: Token-count column (derived as C/(6N) if absent).
+        loss_col: Final-loss column.
+        compute_col: Training-FLOPs column (default: C = 6ND).
+        budget_col: IsoFLOP budget label column (approach2).
+        duplicates: Which duplicate (N, D) run to keep.
+        bootstrap: Bootstrap resamples for intervals (0: none).
+        level: Confidence level of the intervals.
+        seed: Bootstrap random seed.
+        grid: approach3 start grid.
+        bins: approach1 compute bins.
+        window: approach2: fit within this many decades of each budget's best N.
+        json: Print one JSON object instead of a table.
+        plot: Write a plot of the fit to this PNG.
+        wandb: Also log the fit and its plot to a W&B run in this project (offline without an API key).
+        wandb_dir: Where the W&B run directory goes (default $WANDB_DIR, else runs/).
+    """
+    return _run_fit(argparse.Namespace(**locals()))
 
-    plan = sub.add_parser("plan", help="compute-optimal model size, tokens and wall time for a FLOP budget")
-    plan.add_argument("--compute", type=float, required=True, help="training FLOPs")
-    plan.add_argument("--law", choices=sorted(LAWS), default="epoch2024", help="published approach-3 fit to use")
-    plan.add_argument("--fit-json", default=None, metavar="FILE", help="use E, A, B, alpha, beta from `fit --json` output")
-    plan.add_argument("--accelerators", type=int, default=1)
-    plan.add_argument("--peak-flops", type=float, default=H100_PEAK_FLOPS, help="peak FLOP/s per accelerator")
-    plan.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation")
-    plan.add_argument("--batch-tokens", type=float, default=524288, help="tokens per optimizer step (default 0.5M)")
-    plan.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    plan.add_argument("--write-config", default=None, metavar="YAML", help="write model.config and trainer.max_steps")
-    return parser
+
+def plan(
+    compute: float,
+    law: Literal["epoch2024", "hoffmann2022"] = "epoch2024",
+    fit_json: Optional[str] = None,
+    accelerators: int = 1,
+    peak_flops: float = H100_PEAK_FLOPS,
+    mfu: float = 0.4,
+    batch_tokens: float = 524288,
+    json: bool = False,
+    write_config: Optional[str] = None,
+) -> int:
+    """Compute-optimal model size, tokens and wall time for a FLOP budget.
+
+    Args:
+        compute: Training FLOPs.
+        law: Published approach-3 fit to use.
+        fit_json: Use E, A, B, alpha, beta from `lmlab scaling fit --json` output in this file.
+        accelerators: Number of accelerators.
+        peak_flops: Peak FLOP/s per accelerator.
+        mfu: Model FLOPs utilisation.
+        batch_tokens: Tokens per optimizer step.
+        json: Print one JSON object instead of a table.
+        write_config: Write model.config and trainer.max_steps to this YAML.
+    """
+    return _run_plan(argparse.Namespace(**locals()))
 
 
 def _clean(value: Any) -> Any:
@@ -206,9 +236,9 @@ def _law_from_json(path: str) -> ChinchillaLaw:
         obj = json.loads(Path(path).read_text())
         return ChinchillaLaw(**{k: float(obj[k]) for k in ("E", "A", "B", "alpha", "beta")})
     except FileNotFoundError:
-        raise ConfigError("--fit-json", f"{path} not found", "pass the file written by `lmlab scaling fit --json`") from None
+        raise ConfigError("--fit_json", f"{path} not found", "pass the file written by `lmlab scaling fit --json`") from None
     except (ValueError, KeyError, TypeError) as exc:
-        raise ConfigError("--fit-json", f"{path} has no approach-3 fit ({exc})", "use `fit --method approach3 --json` output") from None
+        raise ConfigError("--fit_json", f"{path} has no approach-3 fit ({exc})", "use `fit --method approach3 --json` output") from None
 
 
 def _write_yaml_atomic(path: Path, text: str) -> None:
@@ -251,7 +281,7 @@ def _run_plan(args: argparse.Namespace) -> int:
         try:
             _write_yaml_atomic(Path(args.write_config), header + yaml.safe_dump(fragment, sort_keys=False))
         except OSError as exc:
-            raise ConfigError("--write-config", f"cannot write {args.write_config}: {exc.strerror}", "pass a writable path") from None
+            raise ConfigError("--write_config", f"cannot write {args.write_config}: {exc.strerror}", "pass a writable path") from None
     if args.json:
         out = plan.to_dict()
         out.update(
@@ -284,14 +314,4 @@ def _run_plan(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``lmlab scaling``; returns the process exit status (2 for bad input)."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    try:
-        args = _build_parser().parse_args(argv)
-        if args.command == "fit":
-            return _run_fit(args)
-        return _run_plan(args)
-    except ConfigError as exc:
-        print(f"{PROG}: {exc}", file=sys.stderr)
-        return 2
-    except SystemExit as exc:  # --help
-        return int(exc.code or 0)
+    return run(PROG, {"_help": __doc__, "fit": fit, "plan": plan}, argv)

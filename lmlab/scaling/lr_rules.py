@@ -157,9 +157,9 @@ def fit_lr_rule(
     source: str = "<frame>",
 ) -> LRRule:
     """Fit lr_opt = c N^-k to a learning-rate x size sweep (see the module docstring)."""
-    n = _column(frame, n_col, "--n-col", source)
-    lr = _column(frame, lr_col, "--lr-col", source)
-    loss = _column(frame, loss_col, "--loss-col", source)
+    n = _column(frame, n_col, "--n_col", source)
+    lr = _column(frame, lr_col, "--lr_col", source)
+    loss = _column(frame, loss_col, "--loss_col", source)
     ok = np.isfinite(n) & np.isfinite(lr) & np.isfinite(loss) & (n > 0) & (lr > 0)
     if ok.sum() < 2:
         raise ConfigError(source, f"only {int(ok.sum())} usable runs (finite N, lr, loss)", "run the learning-rate sweep first")

@@ -74,7 +74,7 @@ def wall_seconds(compute: float, accelerators: int = 1, peak_flops: float = H100
     """Seconds to spend ``compute`` FLOPs on ``accelerators`` devices at ``mfu`` of ``peak_flops`` each."""
     _positive("--compute", compute)
     _positive("--accelerators", accelerators)
-    _positive("--peak-flops", peak_flops)
+    _positive("--peak_flops", peak_flops)
     if not 0 < mfu <= 1:
         raise ConfigError("--mfu", f"model FLOPs utilisation {mfu} is not in (0, 1]", "pass a fraction such as 0.4")
     return compute / (accelerators * peak_flops * mfu)
@@ -206,5 +206,5 @@ def shape_for_params(
 
 def training_steps(tokens: float, batch_tokens: float) -> int:
     """Optimizer steps to see ``tokens`` tokens at ``batch_tokens`` tokens per step (rounded up)."""
-    _positive("--batch-tokens", batch_tokens)
+    _positive("--batch_tokens", batch_tokens)
     return max(1, int(math.ceil(tokens / batch_tokens)))

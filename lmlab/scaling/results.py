@@ -133,21 +133,21 @@ def from_frame(
     if duplicates not in ("first", "min"):
         raise ConfigError("duplicates", f"unknown policy {duplicates!r}", "use 'first' or 'min'")
     frame = frame.reset_index(drop=True)
-    n = _require_column(frame, n_col, "--n-col", source).to_numpy(dtype=float)
-    loss = _require_column(frame, loss_col, "--loss-col", source).to_numpy(dtype=float)
+    n = _require_column(frame, n_col, "--n_col", source).to_numpy(dtype=float)
+    loss = _require_column(frame, loss_col, "--loss_col", source).to_numpy(dtype=float)
     compute = None
     if compute_col is not None:
-        compute = _require_column(frame, compute_col, "--compute-col", source).to_numpy(dtype=float)
+        compute = _require_column(frame, compute_col, "--compute_col", source).to_numpy(dtype=float)
     if d_col is not None and (d_col in frame.columns or compute is None):
-        d = _require_column(frame, d_col, "--d-col", source).to_numpy(dtype=float)
+        d = _require_column(frame, d_col, "--d_col", source).to_numpy(dtype=float)
     else:
         if compute is None:
-            raise ConfigError("--d-col", "no token column and no compute column", "pass --d-col or --compute-col")
+            raise ConfigError("--d_col", "no token column and no compute column", "pass --d_col or --compute_col")
         with np.errstate(divide="ignore", invalid="ignore"):
             d = compute / (FLOPS_PER_PARAM_TOKEN * n)
     budget = None
     if budget_col is not None:
-        budget = _require_column(frame, budget_col, "--budget-col", source).to_numpy(dtype=float)
+        budget = _require_column(frame, budget_col, "--budget_col", source).to_numpy(dtype=float)
 
     excluded: list[Excluded] = []
     keep = np.ones(len(frame), dtype=bool)

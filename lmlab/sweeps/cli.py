@@ -1,7 +1,7 @@
 """``lmlab sweep``: run W&B sweep YAMLs offline and derive learning-rate rules.
 
-    lmlab sweep run sweeps/chinchilla_grid.yaml [--parallel K] [--count N] [--dry-run] [--state DIR]
-                    [--env KEY=VALUE ...] [--seed S] [--retry-failed] [--no-check] [--no-progress]
+    lmlab sweep run sweeps/chinchilla_grid.yaml [--parallel K] [--count N] [--dry_run] [--state DIR]
+                    [--env KEY=VALUE ...] [--seed S] [--retry_failed] [--no_check] [--no_progress]
     lmlab sweep status DIR
     lmlab sweep lr-rule results.jsonl [--write experiments/scaling/lr_rule.yaml] [--params N]
                     [--refine parabola] [--bootstrap B] [--json]
@@ -17,18 +17,12 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import NoReturn, Optional
+from typing import Literal, Optional
 
 from lmlab.errors import ConfigError
+from lmlab.verbs import positional, run
 
 PROG = "lmlab sweep"
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports usage mistakes as one-line ConfigErrors."""
-
-    def error(self, message: str) -> NoReturn:
-        raise ConfigError("arguments", message, f"see {PROG} --help")
 
 
 def _env_pair(text: str) -> tuple[str, str]:
@@ -38,38 +32,76 @@ def _env_pair(text: str) -> tuple[str, str]:
     return key, value
 
 
-def _build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description="Run W&B sweep YAMLs offline; fit learning-rate rules.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+@positional("spec")
+def run_sweep(
+    spec: str,
+    parallel: int = 1,
+    count: Optional[int] = None,
+    dry_run: bool = False,
+    state: Optional[str] = None,
+    env: list[str] = [],  # noqa: B006 - jsonargparse reads the default; never mutated
+    seed: int = 0,
+    retry_failed: bool = False,
+    check: bool = True,
+    progress: bool = True,
+) -> int:
+    """Run (or resume) a sweep YAML locally with the W&B sweep engine.
 
-    run = sub.add_parser("run", help="run (or resume) a sweep YAML locally with the W&B sweep engine")
-    run.add_argument("spec", help="sweep YAML (W&B format)")
-    run.add_argument("--parallel", type=int, default=1, metavar="K", help="runs at once (default 1)")
-    run.add_argument("--count", type=int, default=None, metavar="N", help="launch at most N runs now (like `wandb agent --count`)")
-    run.add_argument("--dry-run", action="store_true", help="validate and print the runs' commands; run nothing")
-    run.add_argument("--state", default=None, metavar="DIR", help="state directory (default runs/sweeps/<name>)")
-    run.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="extra environment variable for every run")
-    run.add_argument("--seed", type=int, default=0, help="seed of random/bayes proposals")
-    run.add_argument("--retry-failed", action="store_true", help="launch failed runs again")
-    run.add_argument("--no-check", action="store_true", help="skip the dry-parse of the command")
-    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    Args:
+        spec: Sweep YAML (W&B format).
+        parallel: Runs at once.
+        count: Launch at most this many runs now (like `wandb agent --count`).
+        dry_run: Validate and print the runs' commands; run nothing.
+        state: State directory (default runs/sweeps/<name>).
+        env: Extra environment variables KEY=VALUE for every run (repeat --env).
+        seed: Seed of random/bayes proposals.
+        retry_failed: Launch failed runs again.
+        check: Dry-parse the command before any run starts (--no_check skips it).
+        progress: Show a progress bar (--no_progress hides it).
+    """
+    return _cmd_run(argparse.Namespace(**locals()))
 
-    status = sub.add_parser("status", help="table of a sweep's runs")
-    status.add_argument("state", help="state directory of the sweep")
 
-    rule = sub.add_parser("lr-rule", help="fit lr_opt = c * N^-k to a learning-rate sweep")
-    rule.add_argument("results", help="results.jsonl or results.csv of the sweep")
-    rule.add_argument("--write", default=None, metavar="YAML", help="write a config fragment with the lr for --params")
-    rule.add_argument("--params", type=float, default=None, metavar="N", help="model size for the fragment (default: largest swept)")
-    rule.add_argument("--n-col", default="N")
-    rule.add_argument("--lr-col", default="lr")
-    rule.add_argument("--loss-col", default="loss")
-    rule.add_argument("--refine", choices=["none", "parabola"], default="none", help="refine each size's best lr with a parabola")
-    rule.add_argument("--bootstrap", type=int, default=1000, metavar="B", help="bootstrap resamples (0: none)")
-    rule.add_argument("--level", type=float, default=0.95)
-    rule.add_argument("--seed", type=int, default=0)
-    rule.add_argument("--json", action="store_true", help="print one JSON object")
-    return parser
+@positional("state")
+def status(state: str) -> int:
+    """Table of a sweep's runs.
+
+    Args:
+        state: State directory of the sweep.
+    """
+    return _cmd_status(argparse.Namespace(state=state))
+
+
+@positional("results")
+def lr_rule(
+    results: str,
+    write: Optional[str] = None,
+    params: Optional[float] = None,
+    n_col: str = "N",
+    lr_col: str = "lr",
+    loss_col: str = "loss",
+    refine: Literal["none", "parabola"] = "none",
+    bootstrap: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+    json: bool = False,
+) -> int:
+    """Fit lr_opt = c * N^-k to a learning-rate sweep.
+
+    Args:
+        results: results.jsonl or results.csv of the sweep.
+        write: Write a config fragment with the lr for --params to this YAML.
+        params: Model size for the fragment (default: largest swept).
+        n_col: Parameter-count column.
+        lr_col: Learning-rate column.
+        loss_col: Loss column.
+        refine: Refine each size's best lr with a parabola.
+        bootstrap: Bootstrap resamples (0: none).
+        level: Confidence level of the interval.
+        seed: Bootstrap seed.
+        json: Print one JSON object.
+    """
+    return _cmd_lr_rule(argparse.Namespace(**locals()))
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -85,8 +117,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         env=dict(_env_pair(e) for e in args.env),
         seed=args.seed,
         retry_failed=args.retry_failed,
-        check=not args.no_check,
-        progress=not args.no_progress,
+        check=args.check,
+        progress=args.progress,
     )
     runner = SweepRunner(spec, options)
     if args.dry_run:
@@ -172,19 +204,8 @@ def _cmd_lr_rule(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[list[str]] = None) -> int:
     """Entry point of ``lmlab sweep``; returns the exit status (2 for bad input, 1 if a run failed)."""
-    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        args = _build_parser().parse_args(argv)
-        if args.command == "run":
-            return _cmd_run(args)
-        if args.command == "status":
-            return _cmd_status(args)
-        return _cmd_lr_rule(args)
-    except ConfigError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
-    except SystemExit as exc:  # --help
-        return int(exc.code or 0)
+        return run(PROG, {"_help": __doc__, "run": run_sweep, "status": status, "lr-rule": lr_rule}, argv)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; run the same command again to resume", file=sys.stderr)
         return 130

@@ -3,8 +3,9 @@
 For a command that runs ``lmlab fit`` (``python -m lmlab fit ...`` or the
 ``lmlab`` script), the overrides of a representative parameter combination
 (every parameter name appears in it) are dry-parsed in-process with
-``lmlab fit ... --print_config``: an unknown key or an ill-typed value fails
-here, naming the parameter, instead of in every run of the sweep. Values are
+the ``lmlab fit`` parser (:func:`lmlab.training_config.parse_training_args`):
+an unknown key or an ill-typed value fails here, naming the parameter,
+instead of in every run of the sweep. Values are
 not all tried: one combination is parsed, as a run would parse it.
 """
 
@@ -14,7 +15,6 @@ import contextlib
 import io
 import os
 import re
-import warnings
 from collections.abc import Mapping
 from typing import Any, Optional
 
@@ -34,20 +34,15 @@ def lmlab_argv(argv: list[str]) -> Optional[list[str]]:
 
 
 def dry_parse(args: list[str]) -> tuple[bool, str]:
-    """Run ``lmlab <args> --print_config`` in this process; (parsed?, captured error text)."""
-    from lmlab.cli import main
+    """Parse ``lmlab <args>`` as ``lmlab fit`` would, building nothing; (parsed?, one-line error)."""
+    from lmlab.training_config import parse_training_args
 
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
-        # LightningCLI warns that it was handed args while sys.argv holds the runner's own
-        warnings.simplefilter("ignore")
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         try:
-            code = main([*args, "--print_config"])
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        except ConfigError as exc:  # raised past main() by a verb that does not catch it
+            parse_training_args(args[1:])
+        except ConfigError as exc:
             return False, f"error: {exc}"
-    return code in (0, None), err.getvalue()
+    return True, ""
 
 
 def error_line(text: str) -> str:
@@ -75,7 +70,7 @@ def check_lmlab_command(argv_for, params: Mapping[str, Any], source: str) -> Opt
         return None
     ok, text = dry_parse(full)
     if ok:
-        return f"dry-parsed `lmlab {' '.join(full)} --print_config`"
+        return f"dry-parsed `lmlab {' '.join(full)}` with the lmlab fit parser"
     base_ok, base_text = dry_parse(lmlab_argv(argv_for({})) or [])
     if not base_ok:
         raise ConfigError("command", f"`lmlab {full[0]}` rejects the command itself: {error_line(base_text)}", f"fix the command in {source}")

@@ -2,8 +2,8 @@
 
 Usage::
 
-    lmlab data prepare --config experiments/data/shared_mix.yaml [--num-proc N] [--out DIR] [--resume]
-                       [--force] [--engine local|datatrove|slurm] [--tasks N] [--workers K] [--max-documents N]
+    lmlab data prepare --config experiments/data/shared_mix.yaml [--num_proc N] [--out DIR] [--resume]
+                       [--force] [--engine local|datatrove|slurm] [--tasks N] [--workers K] [--max_documents N]
     lmlab data extract-eval --html PAGES.tar --gold GOLD.json
 
 ``prepare`` prints the summary table of ``OUT/report/report.md`` and the
@@ -16,47 +16,62 @@ import argparse
 import dataclasses
 import sys
 import time
+from typing import Literal, Optional
 
 from lmlab.errors import ConfigError
+from lmlab.verbs import run
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lmlab data", description="Data pipeline: filter, dedup, decontaminate, tokenize.")
-    sub = p.add_subparsers(dest="cmd")
-    pr = sub.add_parser("prepare", help="prepare a mixture from its sources into OUT/tokens")
-    pr.add_argument("--config", required=True, help="prepare YAML (experiments/data/*.yaml) or a training experiment YAML")
-    pr.add_argument("--out", help="output directory (default: the config's out)")
-    pr.add_argument("--num-proc", type=int, help="worker processes per stage")
-    pr.add_argument("--resume", action="store_true", help="keep the finished shards of an interrupted run")
-    pr.add_argument("--force", action="store_true", help="recompute every stage, ignoring caches")
-    pr.add_argument("--engine", choices=("local", "datatrove", "slurm"),
-                    help="run per-source stages in-process, as local datatrove tasks, or as Slurm job arrays")
-    pr.add_argument("--tasks", type=int, help="datatrove tasks per stage")
-    pr.add_argument("--workers", type=int, help="datatrove tasks running at once")
-    pr.add_argument("--max-documents", type=int, help="read at most this many records per source (quick trials)")
-    pr.add_argument("--quiet", action="store_true", help="no progress bars or per-stage lines")
-    ex = sub.add_parser("extract-eval", help="mean token F1 of HTML main-text extraction against gold text")
-    ex.add_argument("--html", required=True, help="tar of .html/.html.gz pages")
-    ex.add_argument("--gold", required=True, help='JSON {page_stem: {"articleBody": ...}}')
-    return p
+def prepare(
+    config: str,
+    out: Optional[str] = None,
+    num_proc: Optional[int] = None,
+    resume: bool = False,
+    force: bool = False,
+    engine: Optional[Literal["local", "datatrove", "slurm"]] = None,
+    tasks: Optional[int] = None,
+    workers: Optional[int] = None,
+    max_documents: Optional[int] = None,
+    quiet: bool = False,
+) -> int:
+    """Prepare a mixture from its sources into OUT/tokens: filter, dedup, decontaminate, tokenize.
+
+    Args:
+        config: Prepare YAML (experiments/data/*.yaml) or a training experiment YAML.
+        out: Output directory (default: the config's out).
+        num_proc: Worker processes per stage.
+        resume: Keep the finished shards of an interrupted run.
+        force: Recompute every stage, ignoring caches.
+        engine: Run per-source stages in-process, as local datatrove tasks, or as Slurm job arrays.
+        tasks: Datatrove tasks per stage.
+        workers: Datatrove tasks running at once.
+        max_documents: Read at most this many records per source (quick trials).
+        quiet: No progress bars or per-stage lines.
+    """
+    return _prepare(argparse.Namespace(**locals()))
+
+
+def extract_eval(html: str, gold: str) -> int:
+    """Mean token F1 of HTML main-text extraction against gold text.
+
+    Args:
+        html: Tar of .html/.html.gz pages.
+        gold: JSON {page_stem: {"articleBody": ...}}.
+    """
+    from lmlab.data.pipeline.extract import evaluate_extraction, visible_text
+
+    score = evaluate_extraction(html, gold)
+    base = evaluate_extraction(html, gold, visible_text)
+    print(f"pages: {score.n_pages}")
+    print(f"mean token F1 (trafilatura main text): {score.mean_f1:.4f}")
+    print(f"mean token F1 (all visible text, no extraction): {base.mean_f1:.4f}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``lmlab data``; returns the exit code."""
-    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
-    if args.cmd == "prepare":
-        return _prepare(args)
-    if args.cmd == "extract-eval":
-        from lmlab.data.pipeline.extract import evaluate_extraction, visible_text
-
-        score = evaluate_extraction(args.html, args.gold)
-        base = evaluate_extraction(args.html, args.gold, visible_text)
-        print(f"pages: {score.n_pages}")
-        print(f"mean token F1 (trafilatura main text): {score.mean_f1:.4f}")
-        print(f"mean token F1 (all visible text, no extraction): {base.mean_f1:.4f}")
-        return 0
-    _parser().print_help()
-    return 2
+    return run("lmlab data", {"_help": "Data pipeline: filter, dedup, decontaminate, tokenize.",
+                              "prepare": prepare, "extract-eval": extract_eval}, argv)
 
 
 def _prepare(args: argparse.Namespace) -> int:
@@ -71,7 +86,7 @@ def _prepare(args: argparse.Namespace) -> int:
         )
     if args.max_documents is not None:
         if args.max_documents < 1:
-            raise ConfigError("--max-documents", f"must be >= 1, got {args.max_documents}", "use e.g. 200")
+            raise ConfigError("--max_documents", f"must be >= 1, got {args.max_documents}", "use e.g. 200")
         for s in cfg.sources:
             s.max_documents = args.max_documents if s.max_documents is None else min(s.max_documents, args.max_documents)
     log = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))

@@ -104,7 +104,7 @@ def prepare(
     out_dir = Path(os.path.expanduser(str(out or cfg.out or ".lmlab_cache/prepared/mix")))
     nproc = int(num_proc or cfg.num_proc or min(4, os.cpu_count() or 1))
     if nproc < 1:
-        raise ConfigError("--num-proc", f"must be >= 1, got {nproc}", "use e.g. --num-proc 4")
+        raise ConfigError("--num_proc", f"must be >= 1, got {nproc}", "use e.g. --num_proc 4")
     engine_name = engine or cfg.engine.name
     if engine_name not in ("local", "datatrove", "slurm"):
         raise ConfigError("--engine", f"unknown engine {engine_name!r}", "use local, datatrove or slurm")
