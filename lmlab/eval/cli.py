@@ -11,7 +11,7 @@
 ``--ckpt`` is a Lightning ``.ckpt``, an lmlab export or an HF export
 directory; the tokenizer defaults to the one beside the checkpoint or in its
 run's ``config.yaml``. Task data is read from ``--data_dir`` (default
-``$LMLAB_EVAL_DATA`` or ``../shared/data/eval``).
+``$LMLAB_EVAL_DATA``, else ``data/eval`` under the working directory).
 """
 
 from __future__ import annotations
@@ -76,6 +76,7 @@ def run_tasks(
     seed: int = 1234,
     online: bool = False,
     progress: bool = True,
+    allow_unsandboxed: bool = False,
 ) -> int:
     """Evaluate a checkpoint on downstream tasks (the default: ``lmlab eval --ckpt ... --tasks ...``).
 
@@ -89,11 +90,13 @@ def run_tasks(
         dtype: Cast weights (default: as stored).
         limit: First N docs per task, or a fraction in (0, 1].
         num_fewshot: Override every task's few-shot count.
-        data_dir: Task data directory (default: $LMLAB_EVAL_DATA or ../shared/data/eval).
+        data_dir: Task data directory (default: $LMLAB_EVAL_DATA, else data/eval under the working directory).
         out: Write results.json and samples_<task>.jsonl here.
         seed: Few-shot sampling / bootstrap seed.
         online: Allow downloading task data missing locally.
         progress: Show progress bars (--no_progress hides them).
+        allow_unsandboxed: Run model-written code of code tasks even where the bubblewrap sandbox is
+            unavailable (it then runs with this user's rights; see docs/evaluation.md).
     """
     from lmlab.eval.adapter import LmlabLM
     from lmlab.eval.harness import evaluate
@@ -109,7 +112,7 @@ def run_tasks(
     lm = LmlabLM(model, tokenizer, batch_size=args.batch_size, max_length=args.max_length, device=device)
     out = evaluate(lm, tasks, data_dir=args.data_dir, limit=args.limit, num_fewshot=args.num_fewshot,
                    batch_size=args.batch_size, seed=args.seed, output_dir=args.out, online=args.online or None,
-                   progress=args.progress)
+                   progress=args.progress, allow_unsandboxed=args.allow_unsandboxed)
     print(format_results(out["results"]))
     if lm.stats["hit_max_new_tokens"]:
         print(f"note: {lm.stats['hit_max_new_tokens']} of {lm.stats['generations']} generations reached "

@@ -253,7 +253,7 @@ def isolation(allow_unsandboxed: bool = False) -> str:
     raise ConfigError(
         "allow_unsandboxed", f"refusing to execute model-written code without a sandbox: {problem}",
         "install bubblewrap (Debian/Ubuntu: apt-get install bubblewrap), or acknowledge running it "
-        "unisolated with allow_unsandboxed=True",
+        "unisolated with --allow_unsandboxed (allow_unsandboxed=True in Python)",
     )
 
 
