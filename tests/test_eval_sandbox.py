@@ -189,7 +189,7 @@ def test_without_a_sandbox_nothing_runs_unless_acknowledged(no_sandbox, tmp_path
 
 
 def test_evaluate_refuses_code_tasks_before_model_work(no_sandbox, tmp_path):
-    from lmlab.eval.fakes import FunctionModel
+    from fakes import FunctionModel
     from lmlab.eval.harness import evaluate
 
     calls = []
