@@ -102,8 +102,12 @@ def test_a_copied_checkpoint_works_with_eval_export_and_init_from_without_tokeni
     (tmp_path / "notes.txt").write_text("def add_1(a, b):\n    return a + b + 1\n" * 5)
     assert lmlab_main(["eval", "perplexity", "--ckpt", str(ckpt), "--text", str(tmp_path / "notes.txt"),
                        "--out", str(tmp_path / "ppl.json")]) == 0
-    ppl = json.loads((tmp_path / "ppl.json").read_text())
-    assert json.dumps(ppl).count("ppl") >= 1
+    from lmlab.eval.perplexity import perplexity
+
+    scored = json.loads((tmp_path / "ppl.json").read_text())["text"]
+    direct = perplexity(open_checkpoint(ckpt).causal_lm(), run["tok"], [(tmp_path / "notes.txt").read_text()], name="text")
+    assert scored["tokens"] == direct.tokens > 0
+    assert scored["ppl"] == pytest.approx(direct.ppl, rel=1e-5) and 1.0 < scored["ppl"] < 320
     data = tmp_path / "tasks"
     data.mkdir()
     (data / "mc.jsonl").write_text("".join(json.dumps({"q": f"def add_{i}(a, b):", "choices": ["return a", "the cat"], "gold": 0}) + "\n"
