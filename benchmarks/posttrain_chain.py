@@ -169,24 +169,24 @@ def evaluate(s: ChainSettings) -> dict[str, Any]:
     from lmlab.data.posttrain_datamodules import load_posttrain_tokenizer
     from lmlab.data.verifiable import exact_match, reward
     from lmlab.models.heads import CausalLM
+    from lmlab.models.checkpoint import open_checkpoint
     from lmlab.modules.posttrain_eval import policy_report
-    from lmlab.modules.ppo import load_causal_lm, load_scalar_model
 
     out = Path(s.out).resolve()
     tok = load_posttrain_tokenizer("char")
     task = _task(s).make_task()
     prompts = [r["prompt"] for r in task.prompt_records(s.eval_prompts, "eval")]
     max_new = 8 if s.task == "reversal" else 6
-    sft = load_causal_lm(str(out / "sft" / "checkpoints" / "last.ckpt"), "sft")
+    sft = open_checkpoint(out / "sft" / "checkpoints" / "last.ckpt", "sft").causal_lm()
     torch.manual_seed(s.seed)
     fresh = CausalLM(copy.deepcopy(sft.config))
     rm_path = out / "reward" / "checkpoints" / "last.ckpt"
-    rm = load_scalar_model(str(rm_path), "reward") if rm_path.exists() else None
+    rm = open_checkpoint(rm_path, "reward").scalar_model() if rm_path.exists() else None
     policies = {"fresh model": fresh, "SFT": sft}
     for stage, name in (("ppo_rm", "PPO (reward model)"), ("ppo_fn", "PPO (programmatic reward)")):
         path = out / stage / "checkpoints" / "last.ckpt"
         if path.exists():
-            policies[name] = load_causal_lm(str(path), stage)
+            policies[name] = open_checkpoint(path, stage).causal_lm()
     rows = {}
     for name, policy in policies.items():
         rows[name] = policy_report(policy, tok, prompts, reward_fn=reward, reward_model=rm, ref_model=sft,

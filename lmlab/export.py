@@ -11,13 +11,13 @@ An HF export holds ``config.json``, ``generation_config.json``,
 template), so ``AutoModelForCausalLM.from_pretrained(dir)``,
 ``AutoTokenizer.from_pretrained(dir)`` and ``lm_eval --model hf
 --model_args pretrained=dir`` work on it. The tokenizer comes from
-``--tokenizer``, else from beside the checkpoint, else from the run's saved
-``config.yaml`` (``data.init_args.tokenizer``).
+``--tokenizer``, else the one the run recorded in the checkpoint, else (older
+checkpoints) from beside the checkpoint or the run's saved ``config.yaml``;
+see :meth:`lmlab.models.checkpoint.Checkpoint.tokenizer`.
 
 Everything is written to a temporary directory (or file) next to the target
 and renamed into place, so a failed export leaves nothing half-written.
-This module also holds the loaders the evaluation tools share:
-:func:`load_causal_lm` and :func:`resolve_tokenizer`.
+Checkpoints are opened with :func:`lmlab.models.checkpoint.open_checkpoint`.
 """
 
 from __future__ import annotations
@@ -32,15 +32,11 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import torch
-import yaml
 
 from lmlab.errors import ConfigError
-from lmlab.models.config import TransformerConfig
-from lmlab.models.heads import CausalLM
+from lmlab.models.checkpoint import open_checkpoint, tokenizer_record
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-_RUN_CONFIG_DEPTH = 4
 
 
 def parse_dtype(name: Optional[str], field: str = "--dtype") -> Optional[torch.dtype]:
@@ -50,93 +46,6 @@ def parse_dtype(name: Optional[str], field: str = "--dtype") -> Optional[torch.d
     if name not in DTYPES:
         raise ConfigError(field, f"unknown dtype {name!r}", f"use one of {', '.join(DTYPES)}")
     return DTYPES[name]
-
-
-# --- loading ---------------------------------------------------------------------------------
-
-
-def load_causal_lm(
-    path: str | os.PathLike,
-    *,
-    field: str = "--ckpt",
-    device: Optional[torch.device | str] = None,
-    dtype: Optional[torch.dtype] = None,
-) -> CausalLM:
-    """A :class:`CausalLM` from a Lightning ``.ckpt`` (read with ``weights_only=True``), an lmlab
-    safetensors export directory, or a transformers LLaMA / GPT-2 directory; in eval mode."""
-    from lmlab.models.checkpoint import load_model_state
-    from lmlab.models.hf import build_causal_lm, is_hf_dir, load_hf_state
-
-    p = Path(os.path.expanduser(str(path)))
-    if not p.exists():
-        raise ConfigError(field, f"checkpoint {p} does not exist", "check the path (a .ckpt file or an export directory)")
-    if is_hf_dir(p):
-        config, state = load_hf_state(p)
-    else:
-        cfg, state = load_model_state(p, field=field)
-        if cfg is None:
-            raise ConfigError(field, f"{p} carries no model config", "use a checkpoint written by an lmlab module or export")
-        config = TransformerConfig.from_dict(cfg)
-    model = build_causal_lm(config, state, str(p), dtype)
-    return model.to(device) if device is not None else model
-
-
-def _has_tokenizer(d: Path) -> bool:
-    return d.is_dir() and any((d / f).is_file() for f in _TOKENIZER_FILES)
-
-
-def _run_config_tokenizer(config_file: Path) -> Optional[Path]:
-    """The tokenizer path named in a saved LightningCLI ``config.yaml``, resolved to an existing directory."""
-    try:
-        cfg = yaml.safe_load(config_file.read_text())
-    except (OSError, yaml.YAMLError):
-        return None
-    data = (cfg or {}).get("data") if isinstance(cfg, dict) else None
-    if not isinstance(data, dict):
-        return None
-    spec = (data.get("init_args") or data).get("tokenizer")
-    if not isinstance(spec, str):
-        return None
-    raw = Path(os.path.expanduser(spec))
-    if raw.is_absolute():
-        return raw if raw.exists() else None
-    # relative paths are relative to where training ran: try the cwd, then the run's ancestors
-    for base in [Path.cwd(), *config_file.resolve().parents]:
-        if (base / raw).exists():
-            return base / raw
-    return None
-
-
-def find_tokenizer(ckpt: str | os.PathLike) -> Optional[Path]:
-    """Where the tokenizer of ``ckpt`` lives, or None: the export directory itself, a ``tokenizer/``
-    beside the checkpoint, or the ``data.tokenizer`` of the run's ``config.yaml`` (up to 4 levels up)."""
-    p = Path(os.path.expanduser(str(ckpt)))
-    start = p if p.is_dir() else p.parent
-    if _has_tokenizer(start):
-        return start
-    if _has_tokenizer(start / "tokenizer"):
-        return start / "tokenizer"
-    for d in [start, *list(start.parents)[: _RUN_CONFIG_DEPTH]]:
-        for name in ("config.yaml", "config.yml"):
-            if (d / name).is_file():
-                found = _run_config_tokenizer(d / name)
-                if found is not None:
-                    return found
-    return None
-
-
-def resolve_tokenizer(ckpt: str | os.PathLike, tokenizer: Any = None, field: str = "--tokenizer") -> Any:
-    """A loaded tokenizer: ``tokenizer`` itself if already loaded, its path, or the one found beside ``ckpt``."""
-    from lmlab.data.tokenizer import load_tokenizer
-
-    if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)):
-        return tokenizer
-    spec = tokenizer if tokenizer is not None else find_tokenizer(ckpt)
-    if spec is None:
-        raise ConfigError(
-            field, f"no tokenizer found beside {ckpt} or in its run's config.yaml", "pass --tokenizer DIR"
-        )
-    return load_tokenizer(os.fspath(spec), field=field)
 
 
 # --- atomic outputs ------------------------------------------------------------------------------
@@ -178,9 +87,10 @@ def export_hf(
     from lmlab.models.hf import hf_architecture, save_hf
 
     out = Path(out)
-    model = load_causal_lm(ckpt)
+    source = open_checkpoint(ckpt, "--ckpt")
+    model = source.causal_lm()
     hf_architecture(model.config, field="--format hf")  # fail before anything is written
-    tok = resolve_tokenizer(ckpt, tokenizer)
+    tok = source.tokenizer(tokenizer)
     with atomic_dir(out, overwrite) as tmp:
         save_hf(model, tmp, tokenizer=tok, dtype=dtype)
     return out
@@ -197,20 +107,19 @@ def export_lmlab(
     """Write ``model.safetensors`` (lmlab tensor names), ``lmlab_config.json`` and, when one is given
     or found, the tokenizer to ``out``.
 
-    This is the layout :func:`lmlab.models.checkpoint.load_model_state` reads, so
+    This is the layout :func:`lmlab.models.checkpoint.open_checkpoint` reads, so
     ``--model.init_from DIR`` accepts it; any architecture exports this way.
     """
     from safetensors.torch import save_file
 
     out = Path(out)
-    model = load_causal_lm(ckpt)
+    source = open_checkpoint(ckpt, "--ckpt")
+    model = source.causal_lm()
     state = dict(model.state_dict())
     if model.config.tie_embeddings:
         state.pop("lm_head.weight")  # safetensors refuses shared tensors; the loader re-ties
     state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous() for k, v in state.items()}
-    tok = None
-    if tokenizer is not None or find_tokenizer(ckpt) is not None:
-        tok = resolve_tokenizer(ckpt, tokenizer)
+    tok = source.tokenizer(tokenizer) if tokenizer is not None or source.has_tokenizer() else None
     with atomic_dir(out, overwrite) as tmp:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         cfg = {**model.config.to_dict(), "preset": None}
@@ -234,6 +143,8 @@ def import_hf(
     if not src.exists():
         raise ConfigError("--from_hf", f"{src} does not exist", "give a transformers model directory")
     config, state = load_hf_state(src)
+    source = open_checkpoint(src, "--from_hf")
+    tok_record = tokenizer_record(source.tokenizer(field="--from_hf")) if source.has_tokenizer() else {}
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     out = Path(out)
@@ -241,7 +152,7 @@ def import_hf(
         raise ConfigError("--out", f"{out} already exists", "choose another --out or pass --force")
     ckpt = {
         "state_dict": {f"model.{k}": v for k, v in state.items()},
-        "lmlab": {"stage": "import", "model_config": {**config.to_dict(), "preset": None}, "source": str(src)},
+        "lmlab": {"stage": "import", "model_config": {**config.to_dict(), "preset": None}, "source": str(src), **tok_record},
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)

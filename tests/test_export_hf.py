@@ -13,7 +13,7 @@ from lmlab.data.chat import CHAT_TEMPLATE
 from lmlab.data.tokenizer import train_bpe
 from lmlab.errors import ConfigError
 from lmlab.models import CausalLM, TransformerConfig, generate
-from lmlab.models.checkpoint import load_model_state
+from lmlab.models.checkpoint import open_checkpoint
 from lmlab.models.hf import hf_architecture, load_hf_model
 from lmlab.modules import PretrainModule
 
@@ -117,12 +117,13 @@ def test_export_import_round_trip(name, tokdir, tmp_path):
     assert torch.allclose(lmlab_logits(again, ids), ours, atol=1e-6)
     back = tmp_path / "back.ckpt"
     assert lmlab_main(["export", "--from_hf", str(out), "--out", str(back)]) == 0
-    cfg, state = load_model_state(back)
+    source = open_checkpoint(back)
+    cfg, state = source.config.to_dict(), source.weights
     module = PretrainModule(TransformerConfig.from_dict(cfg), init_from=str(back))
     assert torch.allclose(lmlab_logits(module.model.eval(), ids), ours, atol=1e-6)
     assert cfg["tie_embeddings"] == model.config.tie_embeddings
     # and the HF export directory itself works as --model.init_from
-    cfg_dir, _ = load_model_state(out)
+    cfg_dir = open_checkpoint(out).config.to_dict()
     direct = PretrainModule(TransformerConfig.from_dict(cfg_dir), init_from=str(out))
     assert torch.allclose(lmlab_logits(direct.model.eval(), ids), ours, atol=1e-6)
 
@@ -163,9 +164,10 @@ def test_architectures_without_an_exact_equivalent_are_refused(tokdir, tmp_path,
     assert rc == 2 and len(err.splitlines()) == 1
     assert err.startswith("lmlab export: error: --format hf:") and "position='learned'" in err
     assert not out.exists()
-    # the lmlab layout takes any architecture, and load_model_state reads it as init_from does
+    # the lmlab layout takes any architecture, and open_checkpoint reads it as init_from does
     assert lmlab_main(["export", "--ckpt", str(ckpt), "--format", "lmlab", "--out", str(out)]) == 0
-    cfg, state = load_model_state(out)
+    source = open_checkpoint(out)
+    cfg, state = source.config.to_dict(), source.weights
     assert cfg["position"] == "learned"
     module = PretrainModule(TransformerConfig.from_dict(cfg), init_from=str(out))
     ids = torch.randint(0, VOCAB, (1, 12))

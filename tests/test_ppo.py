@@ -12,7 +12,7 @@ from lmlab.data.chat import END
 from lmlab.data.posttrain_datamodules import PromptDataModule, VerifiableData, load_posttrain_tokenizer, tokenizer_info
 from lmlab.errors import ConfigError
 from lmlab.models import TransformerConfig
-from lmlab.models.checkpoint import load_model_state
+from lmlab.models.checkpoint import open_checkpoint
 from lmlab.modules.ppo import KLConfig, PPOConfig, PPODivergenceError, PPOModule, RolloutConfig, SafetyConfig
 from lmlab.modules.reward import RewardModule
 from lmlab.modules.sft import SFTModule
@@ -131,7 +131,7 @@ def test_rollout_logprobs_equal_recomputed_forward(ckpts, temperature, top_k, to
 def test_value_model_starts_from_reward_or_policy_with_a_zero_head(ckpts):
     from_rm = make_ppo(ckpts, reward_fn=None, reward_model=ckpts["rm"])
     assert from_rm.value_init == "reward"
-    _, rm_state = load_model_state(ckpts["rm"])
+    rm_state = open_checkpoint(ckpts["rm"]).weights
     for name, value in from_rm.value_model.backbone.state_dict().items():
         assert torch.equal(value, rm_state[f"backbone.{name}"]), name
     assert float(from_rm.value_model.score.weight.abs().sum()) == 0.0
@@ -238,7 +238,7 @@ def test_checkpoint_keeps_policy_and_value_but_not_frozen_models(ckpts, tmp_path
     assert not any(k.startswith(("ref_model.", "reward_model.")) for k in keys)
     assert ckpt["lmlab"]["stage"] == "ppo" and ckpt["lmlab"]["tokenizer"]["vocab_size"] == module.config.vocab_size
     # the policy flows on like any other stage's model
-    _, state = load_model_state(path)
+    state = open_checkpoint(path).weights
     assert torch.equal(state["lm_head.weight"], module.model.lm_head.weight)
     # resuming fills the frozen models back in from the fresh module
     fresh = make_ppo(ckpts, reward_fn=None, reward_model=ckpts["rm"])

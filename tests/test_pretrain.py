@@ -10,7 +10,7 @@ from helpers import LossRecorder, corpus_sources, make_trainer, write_corpus
 from lmlab.data import PretrainDataModule, TokenizerTrainConfig
 from lmlab.errors import ConfigError
 from lmlab.models import CausalLM, TransformerConfig
-from lmlab.models.checkpoint import load_model_state
+from lmlab.models.checkpoint import open_checkpoint
 from lmlab.modules import OptimizerConfig, PretrainModule, ScheduleConfig
 
 
@@ -98,7 +98,8 @@ def test_checkpoint_weights_reload_into_a_fresh_model(workdir, tmp_path):
     trainer.fit(module, datamodule=make_dm(workdir))
     ckpt = tmp_path / "m.ckpt"
     trainer.save_checkpoint(ckpt)
-    cfg, state = load_model_state(ckpt)
+    source = open_checkpoint(ckpt)
+    cfg, state = source.config.to_dict(), source.weights
     model = CausalLM(TransformerConfig.from_dict(cfg))
     model.load_state_dict(state)
     x = torch.randint(0, 320, (2, 16))

@@ -125,6 +125,37 @@ def load_tokenizer(spec: str, field: str = "data.tokenizer"):
     return tok
 
 
+def tokenizer_files(tokenizer) -> Optional[dict[str, str]]:
+    """The files ``save_pretrained`` writes for ``tokenizer``, as ``{name: text}``, or None.
+
+    Checkpoints store this plain-text form (no pickled objects, so they still
+    load with ``weights_only=True``): a run's tokenizer travels with its
+    weights, special tokens and chat template included. None when a file is
+    not UTF-8 text (e.g. a sentencepiece model) or there is no ``tokenizer.json``.
+    """
+    with tempfile.TemporaryDirectory(prefix="lmlab-tok-") as tmp:
+        tokenizer.save_pretrained(tmp)
+        files = {}
+        for f in sorted(Path(tmp).iterdir()):
+            if not f.is_file():
+                continue
+            try:
+                files[f.name] = f.read_text(encoding="utf-8")
+            except UnicodeDecodeError:
+                return None
+    return files if "tokenizer.json" in files else None
+
+
+def tokenizer_from_files(files: dict[str, str], field: str = "--tokenizer"):
+    """Load a tokenizer from the ``{name: text}`` form of :func:`tokenizer_files`."""
+    with tempfile.TemporaryDirectory(prefix="lmlab-tok-") as tmp:
+        for name, text in files.items():
+            if Path(name).name != name:  # only plain file names: never write outside the folder
+                raise ConfigError(field, f"stored tokenizer file name {name!r} is not a plain name", "re-save the checkpoint")
+            (Path(tmp) / name).write_text(text, encoding="utf-8")
+        return load_tokenizer(tmp, field=field)
+
+
 def _looks_like_hub_name(spec: str) -> bool:
     return spec.count("/") == 1 and not spec.startswith((".", "/", "~"))
 

@@ -125,12 +125,13 @@ class LmlabLM:
         """Build from a Lightning ``.ckpt`` (``weights_only``), an lmlab export or an HF export directory.
 
         ``tokenizer`` (a directory or a loaded tokenizer) defaults to the one
-        found beside the checkpoint or in its run's ``config.yaml``.
+        recorded in the checkpoint (see :meth:`~lmlab.models.checkpoint.Checkpoint.tokenizer`).
         """
-        from lmlab.export import load_causal_lm, resolve_tokenizer
+        from lmlab.models.checkpoint import open_checkpoint
 
-        model = load_causal_lm(ckpt, device=device, dtype=dtype)
-        tok = resolve_tokenizer(ckpt, tokenizer)
+        source = open_checkpoint(ckpt, "--ckpt")
+        model = source.causal_lm(device=device, dtype=dtype)
+        tok = source.tokenizer(tokenizer)
         return cls(model, tok, batch_size=batch_size, max_length=max_length, device=device, **kwargs)
 
     # --- helpers -------------------------------------------------------------------------------

@@ -9,9 +9,10 @@
     lmlab eval compare ...                    # forwarded to lmlab.eval.compare_cli when installed
 
 ``--ckpt`` is a Lightning ``.ckpt``, an lmlab export or an HF export
-directory; the tokenizer defaults to the one beside the checkpoint or in its
-run's ``config.yaml``. Task data is read from ``--data_dir`` (default
-``$LMLAB_EVAL_DATA``, else ``data/eval`` under the working directory).
+directory; the tokenizer defaults to the one the run recorded in the
+checkpoint (older checkpoints: beside it or in its run's ``config.yaml``).
+Task data is read from ``--data_dir`` (default ``$LMLAB_EVAL_DATA``, else
+``data/eval`` under the working directory).
 """
 
 from __future__ import annotations
@@ -46,18 +47,14 @@ def _device(name: Optional[str]) -> str:
 
 
 def _load(args: argparse.Namespace, fallback_tokenizer: Optional[str] = None):
-    from lmlab.export import find_tokenizer, load_causal_lm, resolve_tokenizer
+    from lmlab.models.checkpoint import open_checkpoint
 
     if args.batch_size < 1:
-        raise ConfigError("--batch-size", f"must be >= 1, got {args.batch_size}")
+        raise ConfigError("--batch_size", f"must be >= 1, got {args.batch_size}")
     device = _device(args.device)
-    if not Path(args.ckpt).expanduser().exists():
-        raise ConfigError("--ckpt", f"checkpoint {args.ckpt} does not exist", "check the path")
-    spec = args.tokenizer
-    if spec is None and find_tokenizer(args.ckpt) is None:
-        spec = fallback_tokenizer
-    tokenizer = resolve_tokenizer(args.ckpt, spec)
-    model = load_causal_lm(args.ckpt, device=device, dtype=parse_dtype(args.dtype))
+    ckpt = open_checkpoint(args.ckpt, "--ckpt")
+    tokenizer = ckpt.tokenizer(args.tokenizer, fallback=fallback_tokenizer)
+    model = ckpt.causal_lm(device=device, dtype=parse_dtype(args.dtype))
     return model, tokenizer, device
 
 

@@ -347,7 +347,15 @@ def read_hf_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def load_hf_state(path: str | os.PathLike) -> tuple[TransformerConfig, dict[str, torch.Tensor]]:
-    """(lmlab config, lmlab state dict) of a transformers LLaMA / GPT-2 directory.
+    """(lmlab config, lmlab state dict) of a transformers LLaMA / GPT-2 directory (config: :func:`hf_dir_config`)."""
+    p = Path(path)
+    config = hf_dir_config(p)
+    hf = json.loads((p / HF_CONFIG).read_text())
+    return config, from_hf_state(config, read_hf_weights(p), hf["model_type"])
+
+
+def hf_dir_config(path: str | os.PathLike) -> TransformerConfig:
+    """The lmlab config of a transformers LLaMA / GPT-2 directory, without reading its weights.
 
     An ``lmlab_config.json`` beside the weights (written by ``lmlab export``)
     restores the exact lmlab config (vocab padding, init settings); it must
@@ -356,8 +364,7 @@ def load_hf_state(path: str | os.PathLike) -> tuple[TransformerConfig, dict[str,
     p = Path(path)
     if not is_hf_dir(p):
         raise ConfigError(str(p), "not a transformers model directory (no config.json)", "point at an HF model directory")
-    hf = json.loads((p / HF_CONFIG).read_text())
-    config = from_hf_config(hf)
+    config = from_hf_config(json.loads((p / HF_CONFIG).read_text()))
     if (p / LMLAB_CONFIG).is_file():
         own = TransformerConfig.from_dict(json.loads((p / LMLAB_CONFIG).read_text()))
         for key in ("vocab_size", "d_model", "n_layers", "n_heads", "kv_heads", "hidden_dim", "tie_embeddings"):
@@ -365,7 +372,7 @@ def load_hf_state(path: str | os.PathLike) -> tuple[TransformerConfig, dict[str,
                 raise ConfigError(f"{p / LMLAB_CONFIG}", f"{key}={getattr(own, key)} disagrees with config.json "
                                   f"({getattr(config, key)})", "delete the stale lmlab_config.json")
         config = own
-    return config, from_hf_state(config, read_hf_weights(p), hf["model_type"])
+    return config
 
 
 def load_hf_model(path: str | os.PathLike, dtype: Optional[torch.dtype] = None) -> CausalLM:
@@ -375,7 +382,8 @@ def load_hf_model(path: str | os.PathLike, dtype: Optional[torch.dtype] = None) 
 
 
 def build_causal_lm(
-    config: TransformerConfig, state: dict[str, torch.Tensor], source: str, dtype: Optional[torch.dtype] = None
+    config: TransformerConfig, state: dict[str, torch.Tensor], source: str, dtype: Optional[torch.dtype] = None,
+    field: str = "--ckpt",
 ) -> CausalLM:
     """A :class:`CausalLM` of ``config`` holding exactly ``state`` (every tensor present and shaped right)."""
     with torch.device("meta"):
@@ -389,7 +397,7 @@ def build_causal_lm(
     if missing or unexpected or wrong:
         detail = (f"missing {missing[:2]}" if missing else f"unexpected {unexpected[:2]}" if unexpected
                   else f"{wrong[0]} is {tuple(state[wrong[0]].shape)}, expected {tuple(own[wrong[0]].shape)}")
-        raise ConfigError("--ckpt", f"{source} does not hold a CausalLM of its config ({detail})",
+        raise ConfigError(field, f"{source} does not hold a CausalLM of its config ({detail})",
                           "give a language-model checkpoint (pretrain/SFT/DPO) or an lmlab export")
     model.load_state_dict(state, strict=True, assign=True)
     if config.tie_embeddings:

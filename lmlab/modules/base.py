@@ -26,7 +26,7 @@ from lmlab.distributed.hooks import (
     offloads_optimizer,
 )
 from lmlab.errors import ConfigError
-from lmlab.models.checkpoint import load_backbone_weights, load_model_state
+from lmlab.models.checkpoint import open_checkpoint, tokenizer_record
 from lmlab.models.config import TransformerConfig
 from lmlab.modules.optim import OptimizerConfig, ScheduleConfig, build_optimizer, make_lr_lambda
 
@@ -56,6 +56,8 @@ class LMModuleBase(pl.LightningModule):
         self.init_from = init_from
         self.peak_flops_per_device = peak_flops_per_device
         self.tokens_seen = 0
+        self._tokenizer_record: dict = {}
+        self._tokenizer_recorded_for = None
         self._last_step_time: Optional[float] = None
         self._last_grad_norm: Optional[torch.Tensor] = None
         self.model: nn.Module = self.build_model()
@@ -72,9 +74,9 @@ class LMModuleBase(pl.LightningModule):
 
     # -- weights -----------------------------------------------------------------
     def load_initial_weights(self, path: str) -> None:
-        cfg, state = load_model_state(path)
-        if cfg is not None:
-            src = TransformerConfig.from_dict(cfg)
+        ckpt = open_checkpoint(path, "model.init_from")
+        src = ckpt.config
+        if src is not None:
             for key in ("d_model", "n_layers", "n_heads", "kv_heads", "padded_vocab_size", "ffn_type", "hidden_dim"):
                 if getattr(src, key) != getattr(self.config, key):
                     raise ConfigError(
@@ -82,7 +84,9 @@ class LMModuleBase(pl.LightningModule):
                         f"{key}={getattr(self.config, key)} differs from the checkpoint's {getattr(src, key)}",
                         "copy the checkpoint's model.config (or omit model.config to take it)",
                     )
-        load_backbone_weights(self.model, state)
+        ckpt.load_into(self.model)
+        # a run started from a checkpoint keeps its tokenizer on record even when fitted without a DataModule
+        self._tokenizer_record = _tokenizer_meta(ckpt.meta)
 
     @property
     def net(self) -> nn.Module:
@@ -161,16 +165,35 @@ class LMModuleBase(pl.LightningModule):
         self.on_validation_epoch_end()
 
     # -- checkpoint metadata ---------------------------------------------------------------
+    def run_tokenizer(self):
+        """The tokenizer this run trains with (its DataModule's), or None when fitted without one."""
+        trainer = self._trainer
+        datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
+        return getattr(datamodule, "tokenizer", None)
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # The model config and the tokenizer travel inside the file, as plain data, so any copy of it
+        # works with eval, export and init_from on its own.
         checkpoint["lmlab"] = {
             "stage": self.stage,
             "model_config": self.config.to_dict(),
             "tokens_seen": int(self.tokens_seen),
             "torch_rng_state": torch.get_rng_state(),
         }
+        tok = self.run_tokenizer()
+        if tok is not None and tok is not self._tokenizer_recorded_for:
+            self._tokenizer_record = tokenizer_record(tok)  # serialised once per tokenizer, not per save
+            self._tokenizer_recorded_for = tok
+        checkpoint["lmlab"].update(self._tokenizer_record)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         meta = checkpoint.get("lmlab", {})
+        self._tokenizer_record = _tokenizer_meta(meta)
         self.tokens_seen = int(meta.get("tokens_seen", 0))
         if "torch_rng_state" in meta:
             torch.set_rng_state(meta["torch_rng_state"])
+
+
+def _tokenizer_meta(meta: dict) -> dict:
+    """The tokenizer entries of a checkpoint's ``lmlab`` metadata (see :func:`~lmlab.models.checkpoint.tokenizer_record`)."""
+    return {k: meta[k] for k in ("tokenizer", "tokenizer_files") if meta.get(k)}

@@ -9,11 +9,11 @@ import torch
 
 from lmlab.data.chat import IGNORE_INDEX
 from lmlab.errors import ConfigError
+from lmlab.models.checkpoint import open_checkpoint
 from lmlab.models.config import TransformerConfig
 from lmlab.models.heads import CausalLM
 from lmlab.modules.optim import OptimizerConfig, ScheduleConfig
-from lmlab.modules.posttrain_base import PostTrainModuleBase, check_tokenizer_match, read_checkpoint_meta, split_batch
-from lmlab.modules.ppo import load_causal_lm
+from lmlab.modules.posttrain_base import PostTrainModuleBase, check_tokenizer_match, split_batch
 from lmlab.modules.preference_losses import dpo_loss
 from lmlab.modules.rlhf_math import logprobs_from_logits
 
@@ -111,11 +111,12 @@ class DPOModule(PostTrainModuleBase):
         self.precompute_reference = precompute_reference
         super().__init__(config, optimizer, schedule, gradient_clip_val, compile, init_from, peak_flops_per_device)
         if ref_model:
-            ref = load_causal_lm(ref_model, "model.ref_model")
+            ref_ckpt = open_checkpoint(ref_model, "model.ref_model")
+            ref = ref_ckpt.causal_lm()
             if ref.config.vocab_size != self.config.vocab_size:
                 raise ConfigError("model.ref_model", f"vocab_size {ref.config.vocab_size} differs from the policy's {self.config.vocab_size}",
                                   "use a reference trained with the same tokenizer")
-            check_tokenizer_match(self.init_meta.get("tokenizer"), read_checkpoint_meta(ref_model).get("tokenizer"),
+            check_tokenizer_match(self.init_meta.get("tokenizer"), ref_ckpt.tokenizer_info,
                                   "model.ref_model", f"reference {ref_model}")
         else:
             ref = copy.deepcopy(self.model)

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
 from lmlab.errors import ConfigError
-from lmlab.models.checkpoint import load_model_state
+from lmlab.models.checkpoint import Checkpoint, open_checkpoint
 from lmlab.models.config import TransformerConfig
 from lmlab.modules.base import LMModuleBase
 from lmlab.modules.optim import OptimizerConfig, ScheduleConfig
@@ -31,43 +30,26 @@ log = logging.getLogger(__name__)
 __all__ = ["PostTrainModuleBase", "resolve_config", "read_checkpoint_meta", "check_tokenizer_match", "split_batch"]
 
 
-def resolve_config(config: Optional[TransformerConfig], init_from: Optional[str], field: str = "model.config") -> TransformerConfig:
+def resolve_config(config: Optional[TransformerConfig], init_from: Optional[str | Checkpoint], field: str = "model.config") -> TransformerConfig:
     """``config`` if given, else the model config stored with the ``init_from`` checkpoint."""
     if config is not None:
         return config
     if not init_from:
         raise ConfigError(field, "no model shape given", "set model.config, or model.init_from to a checkpoint that carries one")
-    cfg, _ = load_model_state(init_from, field="model.init_from")
-    if cfg is None:
-        raise ConfigError(field, f"{init_from} carries no model config", "set model.config explicitly")
-    return TransformerConfig.from_dict(cfg)
+    return open_checkpoint(init_from, "model.init_from").require_config()
 
 
-def read_checkpoint_meta(path: str | os.PathLike) -> dict[str, Any]:
-    """The ``lmlab`` metadata of a checkpoint (stage, model config, tokenizer), or ``{}``.
+def read_checkpoint_meta(path: str | os.PathLike | Checkpoint, field: str = "model.init_from") -> dict[str, Any]:
+    """The ``lmlab`` metadata of a checkpoint (stage, model config, tokenizer record), or ``{}``.
 
-    A Lightning ``.ckpt`` is memory-mapped (weights_only), so only the small
-    metadata is read. For an export directory the tokenizer saved beside the
-    weights, if any, provides the tokenizer record.
+    For an export directory the tokenizer saved beside the weights, if any,
+    provides the tokenizer record.
     """
-    p = Path(os.path.expanduser(str(path)))
-    if p.is_dir():
-        if (p / "tokenizer.json").exists() or (p / "tokenizer_config.json").exists():
-            from lmlab.data.posttrain_datamodules import load_posttrain_tokenizer, tokenizer_info
-
-            try:
-                return {"tokenizer": tokenizer_info(load_posttrain_tokenizer(str(p)))}
-            except ConfigError:
-                return {}
-        return {}
-    if not p.is_file() or p.suffix == ".safetensors":
-        return {}
-    try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # an old-format file: fall back to a plain load
-        ckpt = torch.load(p, map_location="cpu", weights_only=True)
-    meta = ckpt.get("lmlab", {}) if isinstance(ckpt, dict) else {}
-    return dict(meta)
+    ckpt = open_checkpoint(path, field)
+    meta = dict(ckpt.meta)
+    if ckpt.tokenizer_info is not None:
+        meta["tokenizer"] = ckpt.tokenizer_info
+    return meta
 
 
 def check_tokenizer_match(expected: Optional[dict], found: Optional[dict], field: str, what: str) -> None:
@@ -120,9 +102,10 @@ class PostTrainModuleBase(LMModuleBase):
         init_from: Optional[str] = None,
         peak_flops_per_device: Optional[float] = None,
     ):
-        config = resolve_config(config, init_from)
+        source = open_checkpoint(init_from, "model.init_from") if init_from else None
+        config = resolve_config(config, source)
         super().__init__(config, optimizer, schedule, gradient_clip_val, compile, init_from, peak_flops_per_device)
-        self.init_meta: dict[str, Any] = read_checkpoint_meta(init_from) if init_from else {}
+        self.init_meta: dict[str, Any] = read_checkpoint_meta(source) if source is not None else {}
         self.tokenizer_info: Optional[dict[str, Any]] = self.init_meta.get("tokenizer")
         self.tokenizer = None
         self.pad_id = 0

@@ -40,7 +40,7 @@ from torch import nn
 
 from lmlab.distributed.hooks import offloads_optimizer
 from lmlab.errors import ConfigError
-from lmlab.models.checkpoint import load_backbone_weights, load_model_state
+from lmlab.models.checkpoint import load_backbone_weights, open_checkpoint
 from lmlab.models.config import TransformerConfig
 from lmlab.models.generation import GenerationOutput, generate
 from lmlab.models.heads import CausalLM, ScalarModel
@@ -66,7 +66,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "RolloutConfig", "PPOConfig", "KLConfig", "SafetyConfig", "PPOModule", "PPODivergenceError",
-    "load_callable", "load_scalar_model", "load_causal_lm", "Rollout",
+    "load_callable", "Rollout",
 ]
 
 
@@ -211,38 +211,6 @@ def _as_callable(spec: Any, field_name: str) -> Optional[Callable[..., Any]]:
     return load_callable(str(spec), field_name)
 
 
-def load_scalar_model(path: str, field_name: str, zero_init_head: bool = False, head: bool = True) -> ScalarModel:
-    """A :class:`ScalarModel` from a checkpoint; with ``head`` the score head must be in it (a reward model)."""
-    cfg, state = load_model_state(path, field=field_name)
-    if cfg is None:
-        raise ConfigError(field_name, f"{path} carries no model config", "use a checkpoint written by lmlab")
-    model = ScalarModel(TransformerConfig.from_dict(cfg), zero_init_head=zero_init_head)
-    if not head:
-        state = {k: v for k, v in state.items() if k.startswith("backbone.")}
-    try:
-        missing = load_backbone_weights(model, state)
-    except ConfigError as err:
-        raise ConfigError(field_name, err.problem, err.fix) from None
-    if head and any(k.startswith("score.") for k in missing):
-        raise ConfigError(field_name, f"{path} has no trained score head", "point it at a reward-model checkpoint (lmlab fit with RewardModule)")
-    return model
-
-
-def load_causal_lm(path: str, field_name: str) -> CausalLM:
-    """A :class:`CausalLM` with every weight (LM head included) from a checkpoint."""
-    cfg, state = load_model_state(path, field=field_name)
-    if cfg is None:
-        raise ConfigError(field_name, f"{path} carries no model config", "use a checkpoint written by lmlab")
-    model = CausalLM(TransformerConfig.from_dict(cfg))
-    try:
-        missing = load_backbone_weights(model, state)
-    except ConfigError as err:
-        raise ConfigError(field_name, err.problem, err.fix) from None
-    if "lm_head.weight" in missing:
-        raise ConfigError(field_name, f"{path} has no language-model head", "point it at a policy (pretrain/SFT/PPO) checkpoint")
-    return model
-
-
 def _freeze(model: nn.Module) -> nn.Module:
     model.requires_grad_(False)
     return model.eval()
@@ -370,9 +338,10 @@ class PPOModule(PostTrainModuleBase):
 
         # reference policy: frozen, never updated
         if ref_model:
-            ref = load_causal_lm(ref_model, "model.ref_model")
+            ref_ckpt = open_checkpoint(ref_model, "model.ref_model")
+            ref = ref_ckpt.causal_lm()
             self._check_same_vocab(ref.config, "model.ref_model")
-            check_tokenizer_match(self.init_meta.get("tokenizer"), read_checkpoint_meta(ref_model).get("tokenizer"),
+            check_tokenizer_match(self.init_meta.get("tokenizer"), ref_ckpt.tokenizer_info,
                                   "model.ref_model", f"reference {ref_model}")
         else:
             ref = copy.deepcopy(self.model)
@@ -382,9 +351,10 @@ class PPOModule(PostTrainModuleBase):
         self.reward_model_path = reward_model
         self.reward_meta: dict[str, Any] = {}
         if reward_model:
-            self.reward_model = _freeze(load_scalar_model(reward_model, "model.reward_model"))
+            reward_ckpt = open_checkpoint(reward_model, "model.reward_model")
+            self.reward_model = _freeze(reward_ckpt.scalar_model())
             self._check_same_vocab(self.reward_model.config, "model.reward_model")
-            self.reward_meta = read_checkpoint_meta(reward_model)
+            self.reward_meta = read_checkpoint_meta(reward_ckpt)
             check_tokenizer_match(self.init_meta.get("tokenizer"), self.reward_meta.get("tokenizer"),
                                   "model.reward_model", f"reward model {reward_model}")
         else:
@@ -395,7 +365,7 @@ class PPOModule(PostTrainModuleBase):
         # value model: backbone from the reward model or the policy, zero-initialised head
         value_init = value_init or ("reward" if reward_model else "policy")
         if value_init == "reward":
-            self.value_model = load_scalar_model(reward_model, "model.reward_model", zero_init_head=True, head=False)
+            self.value_model = reward_ckpt.scalar_model(head=False, zero_init_head=True)
         else:
             self.value_model = ScalarModel(self.config, zero_init_head=True)
             policy_backbone = {f"backbone.{k}": v for k, v in self.model.backbone.state_dict().items()}
@@ -407,9 +377,10 @@ class PPOModule(PostTrainModuleBase):
         self.safety_fn = None
         self.safety_meta: dict[str, Any] = {}
         if self.safety_cfg.model:
-            self.safety_model = _freeze(load_scalar_model(self.safety_cfg.model, "model.safety.model"))
+            safety_ckpt = open_checkpoint(self.safety_cfg.model, "model.safety.model")
+            self.safety_model = _freeze(safety_ckpt.scalar_model())
             self._check_same_vocab(self.safety_model.config, "model.safety.model")
-            self.safety_meta = read_checkpoint_meta(self.safety_cfg.model)
+            self.safety_meta = read_checkpoint_meta(safety_ckpt)
             check_tokenizer_match(self.init_meta.get("tokenizer"), self.safety_meta.get("tokenizer"),
                                   "model.safety.model", f"safety model {self.safety_cfg.model}")
         if self.safety_cfg.fn:

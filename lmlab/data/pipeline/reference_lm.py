@@ -2,8 +2,8 @@
 
 CCNet scores web text by its perplexity under a language model trained on
 clean reference text. :class:`CheckpointPerplexity` plugs any lmlab model
-(a Lightning ``.ckpt`` or an ``lmlab export`` directory, loaded without
-unpickling through :func:`lmlab.models.checkpoint.load_model_state`) into
+(a Lightning ``.ckpt`` or an ``lmlab export`` directory, opened without
+unpickling by :func:`lmlab.models.checkpoint.open_checkpoint`) into
 :class:`~lmlab.data.pipeline.quality.QualityScorer` in place of the default
 bigram model: ``text -> exp(mean NLL)`` over the document's first
 ``max_tokens`` tokens, each predicted from an EOS prefix and the tokens before
@@ -24,32 +24,22 @@ class CheckpointPerplexity:
 
     Args:
         checkpoint: ``.ckpt`` file or export directory holding the model config.
-        tokenizer: Tokenizer directory (or a loaded tokenizer) the model was trained with.
+        tokenizer: Tokenizer directory (or a loaded tokenizer) the model was trained with;
+            None for the one the checkpoint records.
         max_tokens: Tokens scored per document (the rest is ignored).
         device: ``cpu`` or ``cuda``.
     """
 
-    def __init__(self, checkpoint: str | os.PathLike, tokenizer: Any, max_tokens: int = 1024, device: str = "cpu"):
+    def __init__(self, checkpoint: str | os.PathLike, tokenizer: Any = None, max_tokens: int = 1024, device: str = "cpu"):
         import torch
 
-        from lmlab.data.tokenizer import load_tokenizer
-        from lmlab.models import CausalLM, TransformerConfig
-        from lmlab.models.checkpoint import load_model_state
+        from lmlab.models.checkpoint import open_checkpoint
 
-        field = "quality.reference_model"
-        cfg, state = load_model_state(checkpoint, field=field)
-        if cfg is None:
-            raise ConfigError(field, f"{checkpoint} carries no model config", "use a checkpoint written by lmlab fit or export")
-        config = TransformerConfig.from_dict(cfg)
-        model = CausalLM(config)
-        try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as e:
-            raise ConfigError(field, f"weights do not match the stored config ({str(e).splitlines()[0]})") from None
+        ckpt = open_checkpoint(checkpoint, "quality.reference_model")
         self.device = torch.device(device)
-        self.model = model.to(self.device).eval()
-        self.config = config
-        self.tokenizer = load_tokenizer(tokenizer, field="quality.reference_tokenizer") if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
+        self.model = ckpt.causal_lm(device=self.device)
+        config = self.config = self.model.config
+        self.tokenizer = ckpt.tokenizer(tokenizer, field="quality.reference_tokenizer")
         if len(self.tokenizer) > config.vocab_size:
             raise ConfigError(
                 "quality.reference_tokenizer",

@@ -105,7 +105,7 @@ def judge_with_scorer(
 ) -> int:
     """Judge every pair not yet judged by this scorer (stored as source ``reward-model``); returns how many were added."""
     if not tie_margin >= 0:
-        raise ConfigError("--tie-margin", f"must be >= 0, got {tie_margin}", "use 0 for strict preferences")
+        raise ConfigError("--tie_margin", f"must be >= 0, got {tie_margin}", "use 0 for strict preferences")
     done = store.judged_ids("reward-model", annotator)
     added = 0
     for pair in pairs:
@@ -113,7 +113,7 @@ def judge_with_scorer(
             continue
         sa, sb = float(score(pair.prompt, pair.response_a)), float(score(pair.prompt, pair.response_b))
         if not (math.isfinite(sa) and math.isfinite(sb)):
-            raise ConfigError("--reward-model", f"scored pair {pair.pair_id} as {sa}, {sb}", "check the reward checkpoint")
+            raise ConfigError("--reward_model", f"scored pair {pair.pair_id} as {sa}, {sb}", "check the reward checkpoint")
         overall = "tie" if abs(sa - sb) <= tie_margin else ("a" if sa > sb else "b")
         store.add_judgment(Judgment(pair.pair_id, pair.model_a, pair.model_b, overall, source="reward-model", annotator=annotator))
         added += 1
@@ -126,29 +126,17 @@ def load_reward_scorer(path: str | Path, tokenizer: Any = None, device: str | No
     The pair is rendered as a user turn and an assistant turn in the project's
     chat format, tokenized like reward-model training data, and cut to the
     model's context length; the score is the head's value at the last token.
-    ``tokenizer``: a loaded tokenizer, its path, or ``None`` for the one saved
-    beside the checkpoint.
+    ``tokenizer``: a loaded tokenizer, its path, or ``None`` for the one the
+    checkpoint records.
     """
     import torch
 
     from lmlab.data.chat import tokenize_chat
-    from lmlab.data.tokenizer import load_tokenizer
-    from lmlab.models import ScalarModel, TransformerConfig
-    from lmlab.models.checkpoint import load_backbone_weights, load_model_state
+    from lmlab.models.checkpoint import open_checkpoint
 
-    config, state = load_model_state(path, field="--reward-model")
-    if config is None:
-        raise ConfigError("--reward-model", f"{path} carries no model config", "use a checkpoint written by lmlab")
-    model = ScalarModel(TransformerConfig.from_dict(config))
-    missing = load_backbone_weights(model, state)
-    if any(k.startswith("score.") for k in missing):
-        raise ConfigError("--reward-model", f"{path} has no reward head (score.*)", "use a reward-model checkpoint")
-    if tokenizer is None:
-        from lmlab.export import resolve_tokenizer  # finds the tokenizer saved beside the checkpoint
-
-        tok = resolve_tokenizer(path, None)
-    else:
-        tok = load_tokenizer(tokenizer, field="--tokenizer") if isinstance(tokenizer, str) else tokenizer
+    ckpt = open_checkpoint(path, "--reward_model")
+    model = ckpt.scalar_model()
+    tok = ckpt.tokenizer(tokenizer)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(dev).eval()
     max_len = model.config.max_seq_len
