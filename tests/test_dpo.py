@@ -87,8 +87,8 @@ def test_reward_accuracy_rises_with_training_and_precomputed_reference_matches(p
     # at the start the policy is the reference: every implicit reward is 0
     assert float(before["rewards/accuracies"]) == 0.0 and float(before["rewards/margins"]) == 0.0
     pl.seed_everything(0)
-    module.optimizer_config = OptimizerConfig(lr=3e-3, weight_decay=0.0)
-    module.schedule_config = ScheduleConfig(name="constant", warmup_steps=0)
+    module.settings.optimizer = OptimizerConfig(lr=3e-3, weight_decay=0.0)
+    module.settings.schedule = ScheduleConfig(name="constant", warmup_steps=0)
     trainer = make_trainer(tmp_path, 20, limit_val_batches=None, val_check_interval=10, check_val_every_n_epoch=None)
     trainer.fit(module, datamodule=dm)
     with torch.no_grad():

@@ -14,7 +14,7 @@ from lmlab.data.posttrain import collate_sft, pack_sft
 from lmlab.data.posttrain_datamodules import SFTDataModule, VerifiableData, load_posttrain_tokenizer, tokenizer_info
 from lmlab.errors import ConfigError
 from lmlab.models import TransformerConfig
-from lmlab.modules.optim import OptimizerConfig, ScheduleConfig
+from lmlab.modules.optim import OptimizerConfig, ScheduleConfig, TrainingSettings
 from lmlab.modules.pretrain import PretrainModule
 from lmlab.modules.sft import SFTModule, sft_token_stats
 from helpers import make_trainer
@@ -89,8 +89,8 @@ def test_packed_loss_equals_unpacked_loss(tok):
 def test_sft_learns_and_logs_metrics(tok, tmp_path):
     pl.seed_everything(0)
     dm = verifiable_dm(packing=True, max_length=64)
-    module = SFTModule(tiny_config(tok), optimizer=OptimizerConfig(lr=3e-3, weight_decay=0.0),
-                       schedule=ScheduleConfig(name="constant", warmup_steps=5))
+    module = SFTModule(tiny_config(tok), settings=TrainingSettings(optimizer=OptimizerConfig(lr=3e-3, weight_decay=0.0),
+                                                 schedule=ScheduleConfig(name="constant", warmup_steps=5)))
     trainer = make_trainer(tmp_path, 60, limit_val_batches=None, val_check_interval=30, check_val_every_n_epoch=None)
     trainer.validate(module, datamodule=dm, verbose=False)  # the fresh model's numbers come first
     trainer.fit(module, datamodule=dm)
