@@ -114,6 +114,21 @@ def test_reward_accuracy_rises_with_training_and_precomputed_reference_matches(p
     assert torch.allclose(batch2["ref_rejected_logps"], ref_r, atol=1e-5)
 
 
+def test_precomputing_reference_logps_shows_progress_with_the_trainer_bar(policy_ckpt, tmp_path, capsys):
+    pre = DPOModule(init_from=policy_ckpt, beta=0.5, precompute_reference=True)
+    dm = pref_dm(val_batch_size=16)
+    make_trainer(tmp_path, 1, enable_progress_bar=True).fit(pre, datamodule=dm)
+    err = capsys.readouterr().err
+    # 64 pairs less the validation split, 16 per batch; then the validation pairs
+    n_train = -(-len(dm.train_examples) // 16)
+    assert f"dpo: reference log-probs (train):   0%|          | 0/{n_train}" in err
+    assert "dpo: reference log-probs (validation):   0%|          | 0/1" in err
+    # and quiet without a trainer bar
+    quiet = DPOModule(init_from=policy_ckpt, beta=0.5, precompute_reference=True)
+    make_trainer(tmp_path / "q", 1).fit(quiet, datamodule=pref_dm())
+    assert "reference log-probs" not in capsys.readouterr().err
+
+
 def test_bad_settings(policy_ckpt):
     with pytest.raises(ConfigError, match="beta"):
         DPOModule(init_from=policy_ckpt, beta=0.0)

@@ -38,6 +38,7 @@ from lmlab.models.checkpoint import load_backbone_weights, load_model_state
 from lmlab.models.config import TransformerConfig
 from lmlab.modules.data_contract import StageData, require
 from lmlab.modules.optim import TrainingSettings, build_optimizer, make_lr_lambda
+from lmlab.modules.progress import count_progress_in_optimizer_steps
 
 __all__ = ["LMModuleBase", "RunMetadata", "StepResult", "split_batch", "add_up"]
 
@@ -176,6 +177,10 @@ class LMModuleBase(pl.LightningModule):
         """Loss, metrics and token count of a step from its micro-batch outputs."""
         raise NotImplementedError
 
+    def optimizer_steps_per_batch(self) -> int:
+        """Optimizer steps one training batch takes (1 here; a PPO iteration takes several)."""
+        return 1
+
     def trainable_parameters(self) -> Iterable[nn.Parameter]:
         """The parameters the optimizer updates and the clipping covers."""
         return self.model.parameters()
@@ -205,6 +210,8 @@ class LMModuleBase(pl.LightningModule):
         dm = self.trainer.datamodule if self._trainer is not None else None
         if dm is not None:
             self.attach_data(dm)
+        if stage == "fit" and self._trainer is not None and self.optimizer_steps_per_batch() != 1:
+            count_progress_in_optimizer_steps(self.trainer, self.optimizer_steps_per_batch())
 
     def attach_data(self, dm: StageData) -> None:
         """Check the DataModule against the model and take what the stage reads from it."""

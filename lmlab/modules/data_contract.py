@@ -68,7 +68,9 @@ class SequenceData(PostTrainData, Protocol):
 
 @runtime_checkable
 class PromptData(PostTrainData, Protocol):
-    """Prompts for RL: the stop tokens of a reply and the longest prompt."""
+    """Prompts for RL: prompts per batch, the stop tokens of a reply and the longest prompt."""
+
+    batch_size: int
 
     @property
     def stop_ids(self) -> list[int]: ...

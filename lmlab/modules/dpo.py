@@ -43,11 +43,19 @@ def _pair_logps(model: torch.nn.Module, batch: dict, vocab_size: int) -> tuple[t
 
 @torch.no_grad()
 def precompute_reference_logps(model: torch.nn.Module, examples: list[dict], collate, vocab_size: int, batch_size: int = 32,
-                               device: Optional[torch.device] = None) -> None:
-    """Add ``ref_chosen_logps``/``ref_rejected_logps`` to every preference example, in place."""
+                               device: Optional[torch.device] = None, progress: Optional[str] = None) -> None:
+    """Add ``ref_chosen_logps``/``ref_rejected_logps`` to every preference example, in place.
+
+    ``progress``: show a progress bar with this description (None: silent).
+    """
     was_training = model.training
     model.eval()
-    for start in range(0, len(examples), batch_size):
+    starts = range(0, len(examples), batch_size)
+    if progress is not None:
+        from tqdm import tqdm
+
+        starts = tqdm(starts, desc=progress, unit="batch", leave=False, dynamic_ncols=True)
+    for start in starts:
         chunk = examples[start : start + batch_size]
         batch = {k: v.to(device) if device is not None else v for k, v in collate(chunk).items()}
         c, r = _pair_logps(model, batch, vocab_size)
@@ -129,10 +137,13 @@ class DPOModule(PostTrainModuleBase):
             raise ConfigError("model.precompute_reference", "needs a PreferenceDataModule", "use lmlab.data.posttrain_datamodules.PreferenceDataModule")
         dm.setup("fit")
         collate = dm._collate()
-        for examples in (dm.train_examples, dm.val_examples):
+        # this can take minutes on a large set: show progress wherever the trainer shows its own
+        show = self.trainer.progress_bar_callback is not None and self.trainer.is_global_zero
+        for split, examples in (("train", dm.train_examples), ("validation", dm.val_examples)):
             if examples:
                 precompute_reference_logps(self.ref_model, examples, collate, self.config.vocab_size,
-                                           batch_size=dm.val_batch_size, device=self.device)
+                                           batch_size=dm.val_batch_size, device=self.device,
+                                           progress=f"dpo: reference log-probs ({split})" if show else None)
         # the reference is no longer needed: free it (its log-probs now travel with the batches)
         self.ref_model = None
 

@@ -417,6 +417,7 @@ class PPOModule(PostTrainModuleBase):
         self.score_moments = RunningMoments()
         self.ref_score_stats: Optional[tuple[float, float]] = None
         self.stop_ids: list[int] = []
+        self.rollout_batch_size: Optional[int] = None
         self.history: list[dict[str, float]] = []
         self.minibatch_stats: list[dict[str, float]] = []
         self.stopped_reason: Optional[str] = None
@@ -476,6 +477,7 @@ class PPOModule(PostTrainModuleBase):
         check_tokenizer_match(self.tokenizer_info, self.safety_meta.get("tokenizer"), "model.safety.model",
                               f"safety model {self.safety_cfg.model}")
         self.stop_ids = list(dm.stop_ids)
+        self.rollout_batch_size = dm.batch_size
         longest = dm.longest_prompt
         if longest + self.rollout_cfg.max_new_tokens > self.config.max_seq_len:
             raise ConfigError("model.rollout.max_new_tokens",
@@ -497,6 +499,10 @@ class PPOModule(PostTrainModuleBase):
         max_steps = self.trainer.max_steps if self._trainer is not None and self.trainer.max_steps > 0 else None
         sched = torch.optim.lr_scheduler.LambdaLR(opt, make_lr_lambda(self.settings.schedule, max_steps))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def optimizer_steps_per_batch(self) -> int:
+        batch = self.rollout_batch_size or 1
+        return self.ppo_cfg.ppo_epochs * max(batch // (self.ppo_cfg.mini_batch_size or batch), 1)
 
     def trainable_parameters(self):
         # the clipping covers the joint policy + value gradient, as the one optimizer updates both
