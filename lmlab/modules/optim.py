@@ -218,13 +218,3 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig, cpu_offload: bool = 
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
     raise ConfigError("model.settings.optimizer.name", f"unknown optimizer {cfg.name!r}", "use adamw or sgd")
-
-
-def clip_by_global_norm(parameters, max_norm: float) -> torch.Tensor:
-    """g <- g * min(1, max_norm / ||g||); returns the norm before clipping."""
-    params = [p for p in parameters if p.grad is not None]
-    if not params:
-        return torch.tensor(0.0)
-    if max_norm is None or max_norm <= 0:
-        return torch.nn.utils.get_total_norm([p.grad for p in params])
-    return torch.nn.utils.clip_grad_norm_(params, max_norm)
