@@ -120,6 +120,25 @@ def test_fully_masked_batch_is_skipped_not_nan(tok, tmp_path, caplog):
     assert all(torch.equal(a, b) for a, b in zip(before, module.parameters()))
 
 
+def test_a_non_finite_micro_batch_loss_stops_before_the_optimizer_step(tok, tmp_path):
+    torch.manual_seed(0)
+    module = SFTModule(tiny_config(tok))
+    before = [p.detach().clone() for p in module.parameters()]
+    finite_loss = module.micro_batch_loss
+
+    def second_micro_batch_nan(micro_batch, normaliser):
+        loss, out = finite_loss(micro_batch, normaliser)
+        calls.append(1)
+        return (loss * float("nan") if len(calls) == 2 else loss), out
+
+    calls: list[int] = []
+    module.micro_batch_loss = second_micro_batch_nan
+    with pytest.raises(FloatingPointError, match="sft: non-finite loss at step 0"):
+        make_trainer(tmp_path, 1).fit(module, datamodule=verifiable_dm(micro_batch_size=8))
+    assert len(calls) == 4  # every micro-batch ran its backward, then the step was refused
+    assert all(torch.equal(a, b) for a, b in zip(before, module.parameters()))
+
+
 def test_bad_records_are_counted_and_skipped(tmp_path, caplog):
     rows = [
         {"prompt": "1+1=", "completion": "2"},

@@ -267,16 +267,19 @@ class LMModuleBase(pl.LightningModule):
 
         Gradients accumulate over the micro-batches and are reduced across
         ranks on the last one only; a non-finite loss stops training before
-        its backward, so no corrupt update reaches a checkpoint.
+        the optimizer step, so no corrupt update reaches a checkpoint.
         """
         outputs = []
+        loss_sum: Optional[torch.Tensor] = None
         last = len(micro_batches) - 1
         for i, micro in enumerate(micro_batches):
             with accumulation_context(self, last=i == last):
                 loss, out = self.micro_batch_loss(micro, normaliser)
-                self.check_finite(loss.detach(), "loss")
                 self.manual_backward(loss)
+            loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
             outputs.append(out)
+        # one host sync per step, not per micro-batch: a bad micro-batch only spoils gradients not yet applied
+        self.check_finite(loss_sum, "loss")
         self.optimizer_update()
         return outputs
 

@@ -8,12 +8,10 @@ import torch
 import torch.nn.functional as F
 
 from lmlab.data.chat import IGNORE_INDEX
-from lmlab.models.config import TransformerConfig
 from lmlab.models.counting import flops_per_token
 from lmlab.models.heads import CausalLM
 from lmlab.modules.base import StepResult, add_up
 from lmlab.modules.data_contract import SequenceData
-from lmlab.modules.optim import TrainingSettings
 from lmlab.modules.posttrain_base import PostTrainModuleBase
 
 __all__ = ["SFTModule", "sft_token_stats"]
@@ -59,16 +57,8 @@ class SFTModule(PostTrainModuleBase):
 
     stage = "sft"
     data_protocol = SequenceData
-
-    def __init__(
-        self,
-        config: Optional[TransformerConfig] = None,
-        settings: Optional[TrainingSettings] = None,
-        init_from: Optional[str] = None,
-    ):
-        super().__init__(config, settings, init_from)
-        self._val = torch.zeros(3, dtype=torch.float64)
-        self._seq_len: Optional[int] = None
+    #: padded length of the last training batch (for MFU)
+    _seq_len: Optional[int] = None
 
     def build_model(self) -> CausalLM:
         return CausalLM(self.config)
