@@ -12,7 +12,7 @@ from lmlab.errors import ConfigError
 from lmlab.models.config import TransformerConfig
 from lmlab.models.heads import CausalLM
 from lmlab.modules.base import StepResult, add_up
-from lmlab.modules.data_contract import PreferenceData, provides
+from lmlab.modules.data_contract import PreferenceData
 from lmlab.modules.optim import TrainingSettings
 from lmlab.modules.posttrain_base import PostTrainModuleBase, check_tokenizer_match, read_checkpoint_meta
 from lmlab.modules.ppo import load_causal_lm
@@ -132,8 +132,8 @@ class DPOModule(PostTrainModuleBase):
     def on_fit_start(self) -> None:
         if not self.precompute_reference or self.ref_model is None:
             return
-        dm = self.trainer.datamodule
-        if dm is None or not provides(dm, PreferenceData):
+        dm = self.trainer.datamodule  # setup already checked it against PreferenceData
+        if dm is None:
             raise ConfigError("model.precompute_reference", "needs a PreferenceDataModule", "use lmlab.data.posttrain_datamodules.PreferenceDataModule")
         dm.setup("fit")
         collate = dm._collate()

@@ -43,10 +43,10 @@ from lmlab.models.checkpoint import load_backbone_weights, load_model_state
 from lmlab.models.config import TransformerConfig
 from lmlab.models.generation import GenerationOutput, generate
 from lmlab.models.heads import CausalLM, ScalarModel
+from lmlab.modules.base import add_up
 from lmlab.modules.data_contract import PromptData
 from lmlab.modules.optim import TrainingSettings, build_optimizer, make_lr_lambda, param_groups
 from lmlab.modules.posttrain_base import PostTrainModuleBase, check_tokenizer_match, read_checkpoint_meta
-from lmlab.modules.base import add_up
 from lmlab.modules.reward import score_sequences
 from lmlab.modules.rlhf_math import (
     AdaptiveKLController,
