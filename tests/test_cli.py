@@ -41,11 +41,11 @@ def test_dotted_overrides_and_composed_configs(tmp_path, capsys, monkeypatch):
     extra.write_text("trainer:\n  max_steps: 7\n")
     with pytest.raises(SystemExit):
         main(["fit", "--config", "experiments/quickstart.yaml", "--config", str(extra),
-              "--model.config.n_layers=3", "--model.optimizer.lr=0.01", "--print_config"])
+              "--model.config.n_layers=3", "--model.settings.optimizer.lr=0.01", "--print_config"])
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["trainer"]["max_steps"] == 7
     assert printed["model"]["init_args"]["config"]["n_layers"] == 3
-    assert printed["model"]["init_args"]["optimizer"]["lr"] == 0.01
+    assert printed["model"]["init_args"]["settings"]["optimizer"]["lr"] == 0.01
 
 
 def test_help_lists_the_extra_verbs(capsys):
@@ -67,7 +67,7 @@ def tiny_config(tmp: Path, corpus: Path, **overrides) -> Path:
         },
         "model": {"class_path": "lmlab.modules.PretrainModule", "init_args": {
             "config": {"vocab_size": 320, "d_model": 32, "n_layers": 2, "n_heads": 4, "max_seq_len": 64},
-            "optimizer": {"lr": 0.003}, "schedule": {"warmup_steps": 4}}},
+            "settings": {"optimizer": {"lr": 0.003}, "schedule": {"warmup_steps": 4}}}},
         "data": {"class_path": "lmlab.data.PretrainDataModule", "init_args": {
             "tokenizer": str(tmp / "tok"), "tokenizer_train": {"vocab_size": 320, "sample_chars": 200000},
             "sources": [

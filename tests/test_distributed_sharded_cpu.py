@@ -28,7 +28,7 @@ STRATEGIES = REPO / "experiments" / "strategies"
 STEPS = 6
 # clip well below the gradient norm (about 0.9 here) so clipping changes every update
 COMMON = {"trainer.max_steps": STEPS, "trainer.val_check_interval": STEPS,
-          "data.init_args.micro_batch_size": 2, "model.init_args.gradient_clip_val": 0.2}
+          "data.init_args.micro_batch_size": 2, "model.init_args.settings.gradient_clip_val": 0.2}
 
 
 def _checkpoints(ckpt_dir: Path) -> list:

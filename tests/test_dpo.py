@@ -87,8 +87,8 @@ def test_reward_accuracy_rises_with_training_and_precomputed_reference_matches(p
     # at the start the policy is the reference: every implicit reward is 0
     assert float(before["rewards/accuracies"]) == 0.0 and float(before["rewards/margins"]) == 0.0
     pl.seed_everything(0)
-    module.optimizer_config = OptimizerConfig(lr=3e-3, weight_decay=0.0)
-    module.schedule_config = ScheduleConfig(name="constant", warmup_steps=0)
+    module.settings.optimizer = OptimizerConfig(lr=3e-3, weight_decay=0.0)
+    module.settings.schedule = ScheduleConfig(name="constant", warmup_steps=0)
     trainer = make_trainer(tmp_path, 20, limit_val_batches=None, val_check_interval=10, check_val_every_n_epoch=None)
     trainer.fit(module, datamodule=dm)
     with torch.no_grad():
@@ -112,6 +112,21 @@ def test_reward_accuracy_rises_with_training_and_precomputed_reference_matches(p
         ref_c, ref_r = live.reference_logps({k: v for k, v in batch2.items() if not k.startswith("ref_")})
     assert torch.allclose(batch2["ref_chosen_logps"], ref_c, atol=1e-5)
     assert torch.allclose(batch2["ref_rejected_logps"], ref_r, atol=1e-5)
+
+
+def test_precomputing_reference_logps_shows_progress_with_the_trainer_bar(policy_ckpt, tmp_path, capsys):
+    pre = DPOModule(init_from=policy_ckpt, beta=0.5, precompute_reference=True)
+    dm = pref_dm(val_batch_size=16)
+    make_trainer(tmp_path, 1, enable_progress_bar=True).fit(pre, datamodule=dm)
+    err = capsys.readouterr().err
+    # 64 pairs less the validation split, 16 per batch; then the validation pairs
+    n_train = -(-len(dm.train_examples) // 16)
+    assert f"dpo: reference log-probs (train):   0%|          | 0/{n_train}" in err
+    assert "dpo: reference log-probs (validation):   0%|          | 0/1" in err
+    # and quiet without a trainer bar
+    quiet = DPOModule(init_from=policy_ckpt, beta=0.5, precompute_reference=True)
+    make_trainer(tmp_path / "q", 1).fit(quiet, datamodule=pref_dm())
+    assert "reference log-probs" not in capsys.readouterr().err
 
 
 def test_bad_settings(policy_ckpt):

@@ -25,7 +25,7 @@ from lmlab.eval.callback import EvalCallback
 from lmlab.eval.harness import evaluate
 from lmlab.eval.perplexity import perplexity
 from lmlab.models import CausalLM, TransformerConfig
-from lmlab.modules import OptimizerConfig, PretrainModule, ScheduleConfig
+from lmlab.modules import OptimizerConfig, PretrainModule, ScheduleConfig, TrainingSettings
 
 WORDS = "the cat sat on a mat while the dog ran in the park".split()
 
@@ -212,7 +212,7 @@ def test_eval_callback_logs_task_metrics_during_pretraining(setup, tmp_path):
                             tokenizer_train=TokenizerTrainConfig(vocab_size=320, sample_chars=100_000), seq_len=32,
                             batch_size=8, val_fraction=0.05, cache_dir=str(tmp_path / "cache"), seed=7)
     module = PretrainModule(TransformerConfig(vocab_size=320, d_model=32, n_layers=2, n_heads=4, max_seq_len=64),
-                            optimizer=OptimizerConfig(lr=1e-2), schedule=ScheduleConfig(name="constant"))
+                            settings=TrainingSettings(optimizer=OptimizerConfig(lr=1e-2), schedule=ScheduleConfig(name="constant")))
     tasks = [str(setup["tasks"]["cloze"]), str(setup["tasks"]["mc"])]
     cb = EvalCallback(tasks=tasks, every_n_steps=3, limit=4, data_dir=str(setup["data"]), batch_size=4)
     probe = ModeProbe()
@@ -249,7 +249,7 @@ def test_eval_callback_in_a_real_checkpoint_and_a_yaml_config(setup, tmp_path, c
     dm = PretrainDataModule(sources=corpus_sources(root / "corpus"), tokenizer=str(root / "run" / "tokenizer"),
                             seq_len=32, batch_size=8, val_fraction=0.05, cache_dir=str(tmp_path / "cache"), seed=7)
     module = PretrainModule(TransformerConfig(vocab_size=320, d_model=32, n_layers=2, n_heads=4, max_seq_len=64,
-                                              tie_embeddings=True), optimizer=OptimizerConfig(lr=1e-2))
+                                              tie_embeddings=True), settings=TrainingSettings(optimizer=OptimizerConfig(lr=1e-2)))
     cb = EvalCallback(tasks=[str(setup["tasks"]["mc"])], every_n_steps=2, limit=3, data_dir=str(setup["data"]))
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=2, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, callbacks=[cb])

@@ -90,7 +90,7 @@ def test_fit_trains_on_the_prepared_mixture(prepared, tmp_path):
         },
         "model": {"class_path": "lmlab.modules.PretrainModule", "init_args": {
             "config": {"vocab_size": 384, "d_model": 32, "n_layers": 2, "n_heads": 4, "max_seq_len": 64},
-            "optimizer": {"lr": 0.01}, "schedule": {"warmup_steps": 2}}},
+            "settings": {"optimizer": {"lr": 0.01}, "schedule": {"warmup_steps": 2}}}},
         "data": {"class_path": "lmlab.data.PretrainDataModule", "init_args": {
             "prepared_dir": str(root / "out" / "tokens"),
             "tokenizer": str(root / "out" / "tokenizer"),

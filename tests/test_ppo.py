@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 import lightning.pytorch as pl
+from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 import pytest
 import torch
 
@@ -109,6 +110,29 @@ def test_one_iteration_runs_and_its_stats_are_consistent(ckpts, tmp_path):
     assert stats["rollout/logprob_gap"] < 1e-5
     assert 1.0 <= stats["response/length"] <= 6.0
     assert stats["objective/rlhf_reward"] == pytest.approx(stats["objective/scores"] + stats["objective/non_score_reward"], abs=1e-6)
+
+
+@pytest.mark.parametrize("bar_class", [TQDMProgressBar, RichProgressBar])
+def test_progress_bar_counts_optimizer_steps_to_max_steps(ckpts, tmp_path, bar_class):
+    # 2 iterations of 2 epochs x 2 minibatches: the bar must end at 8/8, not at 2 batches of 8
+    pl.seed_everything(0)
+    module = make_ppo(ckpts)
+    seen = []
+
+    class Positions(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            bar = trainer.progress_bar_callback
+            if isinstance(bar, TQDMProgressBar):
+                seen.append((bar.train_progress_bar.n, bar.train_progress_bar.total))
+            else:
+                task = bar.progress.tasks[bar.train_progress_bar_id]
+                seen.append((task.completed, task.total))
+
+    trainer = make_trainer(tmp_path, 8, [bar_class(), Positions()], enable_progress_bar=True)
+    trainer.fit(module, datamodule=prompt_dm(verifiable=VerifiableData(n=64, val_n=8, max_digits=2)))
+    assert trainer.global_step == 8
+    assert seen == [(4, 8), (8, 8)]
+
 
 
 @pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 5, 0.9)])

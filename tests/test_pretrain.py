@@ -11,7 +11,7 @@ from lmlab.data import PretrainDataModule, TokenizerTrainConfig
 from lmlab.errors import ConfigError
 from lmlab.models import CausalLM, TransformerConfig
 from lmlab.models.checkpoint import open_checkpoint
-from lmlab.modules import OptimizerConfig, PretrainModule, ScheduleConfig
+from lmlab.modules import OptimizerConfig, PretrainModule, ScheduleConfig, TrainingSettings
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +41,8 @@ def make_module(**kw):
     cfg = TransformerConfig(vocab_size=320, d_model=32, n_layers=2, n_heads=4, max_seq_len=64, **kw.pop("config", {}))
     return PretrainModule(
         cfg,
-        optimizer=OptimizerConfig(lr=3e-3),
-        schedule=ScheduleConfig(name="cosine", warmup_steps=3, total_steps=kw.pop("total_steps", None)),
+        settings=TrainingSettings(optimizer=OptimizerConfig(lr=3e-3),
+                                  schedule=ScheduleConfig(name="cosine", warmup_steps=3, total_steps=kw.pop("total_steps", None))),
         **kw,
     )
 

@@ -14,7 +14,7 @@ from lmlab.data.chat import IGNORE_INDEX
 from lmlab.data.posttrain_datamodules import PreferenceDataModule, VerifiableData, load_posttrain_tokenizer
 from lmlab.errors import ConfigError
 from lmlab.models import TransformerConfig, left_pad
-from lmlab.modules.optim import OptimizerConfig, ScheduleConfig
+from lmlab.modules.optim import OptimizerConfig, ScheduleConfig, TrainingSettings
 from lmlab.modules.reward import RewardModule, score_sequences
 from lmlab.modules.sft import SFTModule
 from helpers import make_trainer
@@ -98,8 +98,8 @@ def test_init_from_sft_loads_backbone_and_training_raises_accuracy(tok, tmp_path
     t.strategy.connect(sft)
     ckpt = tmp_path / "sft.ckpt"
     t.save_checkpoint(ckpt)
-    module = RewardModule(init_from=str(ckpt), optimizer=OptimizerConfig(lr=3e-3, weight_decay=0.0),
-                          schedule=ScheduleConfig(name="constant", warmup_steps=0))
+    module = RewardModule(init_from=str(ckpt), settings=TrainingSettings(optimizer=OptimizerConfig(lr=3e-3, weight_decay=0.0),
+                                                    schedule=ScheduleConfig(name="constant", warmup_steps=0)))
     for name, p in sft.model.backbone.state_dict().items():
         assert torch.equal(module.model.backbone.state_dict()[name], p), name
     assert float(module.model.score.weight.abs().sum()) > 0  # a fresh (non-zero) head

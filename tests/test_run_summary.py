@@ -14,9 +14,9 @@ from lmlab.data import PretrainDataModule, TokenizerTrainConfig
 from lmlab.loggers import WandbLogger
 from lmlab.models import TransformerConfig
 from lmlab.models.counting import count_params, training_flops
-from lmlab.modules import OptimizerConfig, PretrainModule, ScheduleConfig
-from lmlab.scaling import load_results
+from lmlab.modules import OptimizerConfig, PretrainModule, ScheduleConfig, TrainingSettings
 from lmlab.scaling.plan import PF_DAY
+from lmlab.scaling import load_results
 from lmlab.scaling.run_summary import CSV_COLUMNS, RESULT_ENV, RunSummary, append_csv, append_jsonl
 
 
@@ -43,7 +43,7 @@ def make_dm(workdir):
 
 def make_module():
     cfg = TransformerConfig(vocab_size=320, d_model=32, n_layers=2, n_heads=4, max_seq_len=64)
-    return PretrainModule(cfg, optimizer=OptimizerConfig(lr=4e-3), schedule=ScheduleConfig(name="cosine", warmup_steps=2))
+    return PretrainModule(cfg, settings=TrainingSettings(optimizer=OptimizerConfig(lr=4e-3), schedule=ScheduleConfig(name="cosine", warmup_steps=2)))
 
 
 def fit(tmp, workdir, callback, max_steps, val_every, logger=False):

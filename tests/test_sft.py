@@ -14,7 +14,7 @@ from lmlab.data.posttrain import collate_sft, pack_sft
 from lmlab.data.posttrain_datamodules import SFTDataModule, VerifiableData, load_posttrain_tokenizer, tokenizer_info
 from lmlab.errors import ConfigError
 from lmlab.models import TransformerConfig
-from lmlab.modules.optim import OptimizerConfig, ScheduleConfig
+from lmlab.modules.optim import OptimizerConfig, ScheduleConfig, TrainingSettings
 from lmlab.modules.pretrain import PretrainModule
 from lmlab.modules.sft import SFTModule, sft_token_stats
 from helpers import make_trainer
@@ -89,8 +89,8 @@ def test_packed_loss_equals_unpacked_loss(tok):
 def test_sft_learns_and_logs_metrics(tok, tmp_path):
     pl.seed_everything(0)
     dm = verifiable_dm(packing=True, max_length=64)
-    module = SFTModule(tiny_config(tok), optimizer=OptimizerConfig(lr=3e-3, weight_decay=0.0),
-                       schedule=ScheduleConfig(name="constant", warmup_steps=5))
+    module = SFTModule(tiny_config(tok), settings=TrainingSettings(optimizer=OptimizerConfig(lr=3e-3, weight_decay=0.0),
+                                                 schedule=ScheduleConfig(name="constant", warmup_steps=5)))
     trainer = make_trainer(tmp_path, 60, limit_val_batches=None, val_check_interval=30, check_val_every_n_epoch=None)
     trainer.validate(module, datamodule=dm, verbose=False)  # the fresh model's numbers come first
     trainer.fit(module, datamodule=dm)
@@ -117,6 +117,25 @@ def test_fully_masked_batch_is_skipped_not_nan(tok, tmp_path, caplog):
         out = module.training_step(batch, 0)
     assert out is None and module.skipped_batches == 1
     assert "skipped a batch" in caplog.text
+    assert all(torch.equal(a, b) for a, b in zip(before, module.parameters()))
+
+
+def test_a_non_finite_micro_batch_loss_stops_before_the_optimizer_step(tok, tmp_path):
+    torch.manual_seed(0)
+    module = SFTModule(tiny_config(tok))
+    before = [p.detach().clone() for p in module.parameters()]
+    finite_loss = module.micro_batch_loss
+
+    def second_micro_batch_nan(micro_batch, normaliser):
+        loss, out = finite_loss(micro_batch, normaliser)
+        calls.append(1)
+        return (loss * float("nan") if len(calls) == 2 else loss), out
+
+    calls: list[int] = []
+    module.micro_batch_loss = second_micro_batch_nan
+    with pytest.raises(FloatingPointError, match="sft: non-finite loss at step 0"):
+        make_trainer(tmp_path, 1).fit(module, datamodule=verifiable_dm(micro_batch_size=8))
+    assert len(calls) == 4  # every micro-batch ran its backward, then the step was refused
     assert all(torch.equal(a, b) for a, b in zip(before, module.parameters()))
 
 

@@ -71,7 +71,7 @@ def test_cli_writes_a_fragment_that_composes_with_the_base_config(tmp_path, caps
     printed = capsys.readouterr().out
     assert "k = 0.3" in printed and "95%" in printed
     fragment = yaml.safe_load(out.read_text())
-    lr = fragment["model"]["init_args"]["optimizer"]["lr"]
+    lr = fragment["model"]["init_args"]["settings"]["optimizer"]["lr"]
     assert lr == pytest.approx(0.5 * 1e6**-0.3, rel=0.05)
     assert "lr_opt(N)" in out.read_text()
 
@@ -86,5 +86,5 @@ def test_cli_writes_a_fragment_that_composes_with_the_base_config(tmp_path, caps
         main(["fit", "--config", "experiments/scaling/base.yaml", "--config", str(out), "--print_config"])
     assert e.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["model"]["init_args"]["optimizer"]["lr"] == lr
-    assert printed["model"]["init_args"]["optimizer"]["weight_decay"] == 0.1  # the rest of the base config stays
+    assert printed["model"]["init_args"]["settings"]["optimizer"]["lr"] == lr
+    assert printed["model"]["init_args"]["settings"]["optimizer"]["weight_decay"] == 0.1  # the rest of the base config stays

@@ -10,7 +10,7 @@ from lmlab.sweeps.macros import DEFAULT_COMMAND, command_args, expand_command, e
 
 PARAMS = {
     "budget.params": {"value": 1.0e6},
-    "model.optimizer.lr": {"value": 0.001},
+    "model.settings.optimizer.lr": {"value": 0.001},
     "steps": {"value": 300},
     "as_string": {"value": "1e6"},
     "flag_on": {"value": True},
@@ -33,7 +33,7 @@ def test_argument_formats_on_examples():
     out = command_args(PARAMS)
     assert out["args"] == [
         "--budget.params=1000000.0",
-        "--model.optimizer.lr=0.001",
+        "--model.settings.optimizer.lr=0.001",
         "--steps=300",
         "--as_string=1e6",
         "--flag_on=True",
@@ -46,7 +46,7 @@ def test_argument_formats_on_examples():
     assert "--flag_on" in out["args_no_boolean_flags"]
     assert not any(a.startswith("--flag_off") for a in out["args_no_boolean_flags"])
     assert "--steps=300" in out["args_no_boolean_flags"]
-    assert out["args_no_equals"][:4] == ["--budget.params", "1000000.0", "--model.optimizer.lr", "0.001"]
+    assert out["args_no_equals"][:4] == ["--budget.params", "1000000.0", "--model.settings.optimizer.lr", "0.001"]
     assert json.loads(out["args_json"][0])["betas"] == [0.9, 0.95]
     assert out["args_append_hydra"][2] == "+steps=300" and out["args_override_hydra"][2] == "++steps=300"
 

@@ -249,7 +249,7 @@ def test_a_real_tiny_sweep_end_to_end(tmp_path):
         "model": {
             "class_path": "lmlab.modules.PretrainModule",
             "init_args": {"config": {"vocab_size": 320, "d_model": 32, "n_layers": 2, "n_heads": 4, "max_seq_len": 64},
-                          "optimizer": {"lr": 3e-3}, "schedule": {"name": "cosine", "warmup_steps": 2}},
+                          "settings": {"optimizer": {"lr": 3e-3}, "schedule": {"name": "cosine", "warmup_steps": 2}}},
         },
         "data": {
             "class_path": "lmlab.data.PretrainDataModule",

@@ -62,10 +62,10 @@ def test_bad_sweep_configs_name_the_key(config, field, words):
 
 
 def test_grid_with_a_continuous_parameter_is_rejected_before_running(tmp_path):
-    spec = validate_config(base(parameters={"model.optimizer.lr": {"min": 1e-4, "max": 1e-2}}), "bad.yaml")
+    spec = validate_config(base(parameters={"model.settings.optimizer.lr": {"min": 1e-4, "max": 1e-2}}), "bad.yaml")
     with pytest.raises(ConfigError) as e:
         SweepRunner(spec, RunnerOptions(state_dir=tmp_path / "s", progress=False)).run()
-    assert e.value.field == "parameters" and "model.optimizer.lr" in str(e.value)
+    assert e.value.field == "parameters" and "model.settings.optimizer.lr" in str(e.value)
     assert not (tmp_path / "s" / "runs").exists()
 
 
@@ -75,7 +75,7 @@ def test_overrides_lightning_rejects_fail_before_any_run_naming_the_parameter(tm
     params = {
         "budget.params": {"values": [1e5, 2e5]},
         "model.config.n_layerz": {"values": [2, 4]},
-        "model.optimizer.lr": {"value": 1e-3},
+        "model.settings.optimizer.lr": {"value": 1e-3},
     }
     sweep.write_text(yaml.safe_dump(base(parameters=params)))
     state = tmp_path / "state"
@@ -87,9 +87,9 @@ def test_overrides_lightning_rejects_fail_before_any_run_naming_the_parameter(tm
     assert not (state / "runs").exists() and not (state / "sweep.json").exists()
 
     # an ill-typed value is caught the same way
-    sweep.write_text(yaml.safe_dump(base(parameters={"model.optimizer.lr": {"values": ["fast"]}})))
+    sweep.write_text(yaml.safe_dump(base(parameters={"model.settings.optimizer.lr": {"values": ["fast"]}})))
     assert sweep_main(["run", str(sweep), "--state", str(state), "--dry_run"]) == 2
-    assert "parameters.model.optimizer.lr" in capsys.readouterr().err
+    assert "parameters.model.settings.optimizer.lr" in capsys.readouterr().err
 
 
 def test_cli_bad_file_and_unknown_key_are_one_line(tmp_path, capsys):

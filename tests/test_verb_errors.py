@@ -273,8 +273,8 @@ def test_hyphenated_and_bare_flags_keep_working(capsys):
     [
         ({"model": {"class_path": "lmlab.modules.PretrainModule", "init_args": {"config": {"n_layerz": 3}}}},
          "--config model.config.n_layerz", "did you mean model.config.n_layers?"),
-        ({"model": {"class_path": "lmlab.modules.PretrainModule", "init_args": {"optimizer": {"lr": "fast"}}}},
-         "--config model.optimizer.lr", "float"),
+        ({"model": {"class_path": "lmlab.modules.PretrainModule", "init_args": {"settings": {"optimizer": {"lr": "fast"}}}}},
+         "--config model.settings.optimizer.lr", "float"),
         ({"trainer": {"max_steps": "many"}}, "--config trainer.max_steps", "int"),
     ],
 )

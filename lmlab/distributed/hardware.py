@@ -2,7 +2,7 @@
 
 Values are the vendors' dense (no sparsity) tensor-core peaks for bf16/fp16;
 ``float32`` uses the TF32 tensor-core peak on NVIDIA parts. Override with
-``model.peak_flops_per_device`` for anything not listed or for a CPU.
+``model.settings.peak_flops_per_device`` for anything not listed or for a CPU.
 """
 
 from __future__ import annotations

@@ -189,7 +189,7 @@ def make_plan(args: argparse.Namespace) -> tuple:
     if tokens is None:
         steps = trainer.get("max_steps")
         tokens = float(steps) * float(batch) * seq_len if steps and steps > 0 and batch else 0.0
-    peak = args.peak_flops or model.get("peak_flops_per_device") or lookup_peak_flops(args.accelerator, precision)
+    peak = args.peak_flops or (model.get("settings") or {}).get("peak_flops_per_device") or lookup_peak_flops(args.accelerator, precision)
     comp = estimate_compute(config, tokens, seq_len, convention, world, peak, args.mfu)
     return mem, comp
 

@@ -120,7 +120,7 @@ class DeepSpeedZeRO(DeepSpeedStrategy):
 
     Args:
         gradient_clipping: Global-norm clip applied by the engine; ``None``
-            takes ``model.gradient_clip_val`` (an explicit ``config`` dict's
+            takes ``model.settings.gradient_clip_val`` (an explicit ``config`` dict's
             ``gradient_clipping`` wins over both).
     """
 

@@ -26,6 +26,7 @@ import lightning.pytorch as pl
 import torch
 
 from lmlab.errors import ConfigError
+from lmlab.modules.data_contract import StageData, provides
 
 _NON_METRICS = ("n", "num_fewshot", "skipped_rows", "source", "subtasks")
 
@@ -127,8 +128,8 @@ class EvalCallback(pl.Callback):
 
                 self._tok = load_tokenizer(self.tokenizer, field="EvalCallback.tokenizer")
             else:
-                dm = getattr(trainer, "datamodule", None)
-                self._tok = getattr(dm, "tokenizer", None)
+                dm = trainer.datamodule
+                self._tok = dm.tokenizer if dm is not None and provides(dm, StageData) else None
                 if self._tok is None:
                     raise ConfigError("EvalCallback.tokenizer", "the datamodule has no loaded tokenizer",
                                       "set the callback's tokenizer to a tokenizer directory")

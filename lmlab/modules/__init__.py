@@ -10,6 +10,7 @@ import importlib
 _EXPORTS = {
     "OptimizerConfig": "lmlab.modules.optim",
     "ScheduleConfig": "lmlab.modules.optim",
+    "TrainingSettings": "lmlab.modules.optim",
     "PretrainModule": "lmlab.modules.pretrain",
     "SFTModule": "lmlab.modules.sft",
     "RewardModule": "lmlab.modules.reward",

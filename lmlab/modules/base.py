@@ -1,4 +1,4 @@
-"""Behaviour every lmlab training stage shares.
+"""Behaviour every lmlab training stage shares: the one optimisation step.
 
 Stages optimise manually: one ``training_step`` receives one global batch
 (this rank's share) and runs as many micro-batches as it holds, so gradient
@@ -6,12 +6,20 @@ accumulation can change from step to step (the batch-size ramp) while
 Lightning's precision plugins, strategies and checkpointing still apply.
 Gradients are unscaled (fp16) before the clipping hook runs, so the logged
 norm is the true pre-clip global norm.
+
+A stage supplies only what differs (see :class:`LMModuleBase`): the model,
+the normaliser of a batch (target tokens, pairs), the loss of one
+micro-batch, and the metrics of the step. Splitting into micro-batches,
+the accumulation context, ``manual_backward``, the non-finite check,
+strategy-aware clipping, the optimizer and scheduler step and the step
+statistics (learning rate, grad norm, tokens, throughput, MFU) live here once.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Optional, Sequence
 
 import lightning.pytorch as pl
 import torch
@@ -28,36 +36,113 @@ from lmlab.distributed.hooks import (
 from lmlab.errors import ConfigError
 from lmlab.models.checkpoint import open_checkpoint, tokenizer_record
 from lmlab.models.config import TransformerConfig
-from lmlab.modules.optim import OptimizerConfig, ScheduleConfig, build_optimizer, make_lr_lambda
+from lmlab.modules.data_contract import StageData, require
+from lmlab.modules.optim import TrainingSettings, build_optimizer, make_lr_lambda
+from lmlab.modules.progress import count_progress_in_optimizer_steps
+
+__all__ = ["LMModuleBase", "RunMetadata", "StepResult", "split_batch", "add_up"]
+
+
+def split_batch(batch: dict[str, Any], size: Optional[int]) -> list[dict[str, Any]]:
+    """Split every (B, ...) tensor of ``batch`` into chunks of ``size`` rows; lists are split alike."""
+    n = next(v.shape[0] for v in batch.values() if isinstance(v, torch.Tensor) and v.dim() > 0)
+    if not size or size >= n:
+        return [batch]
+    chunks = []
+    for start in range(0, n, size):
+        chunk = {}
+        for key, value in batch.items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == n:
+                chunk[key] = value[start : start + size]
+            elif isinstance(value, list) and len(value) == n:
+                chunk[key] = value[start : start + size]
+            else:
+                chunk[key] = value
+        chunks.append(chunk)
+    return chunks
+
+
+def add_up(outputs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Key-wise sum of the micro-batch outputs, in micro-batch order (so sums are reproducible)."""
+    total = dict(outputs[0])
+    for out in outputs[1:]:
+        for key, value in out.items():
+            total[key] = total[key] + value
+    return total
+
+
+@dataclass
+class RunMetadata:
+    """What a stage declares about its run, for callbacks (e.g. the run summary) to read.
+
+    Args:
+        stage: The stage name (``pretrain``, ``sft``, ...).
+        model_config: The backbone shape.
+        settings: Optimizer, schedule, clipping, compile and peak FLOP/s.
+        tokens_seen: Tokens trained on so far, over every data-parallel replica.
+        seq_len: Training sequence length (the model's context when the data has none).
+        flop_convention: How training FLOPs are counted (see :mod:`lmlab.models.counting`).
+        val_history: One dict of validation metrics per validation run (with its ``step``).
+    """
+
+    stage: str
+    model_config: TransformerConfig
+    settings: TrainingSettings
+    tokens_seen: int
+    seq_len: int
+    flop_convention: str
+    val_history: list[dict[str, Any]]
+
+
+@dataclass
+class StepResult:
+    """What a stage reports for one training step: its loss, further metrics, and tokens processed (this rank)."""
+
+    loss: torch.Tensor
+    metrics: dict[str, Any] = field(default_factory=dict)
+    tokens: int = 0
 
 
 class LMModuleBase(pl.LightningModule):
-    """Shared optimizer, schedule, clipping, checkpoint metadata and throughput logging."""
+    """Shared optimisation step, optimizer, schedule, clipping, checkpoint metadata and throughput logging.
+
+    A stage implements :meth:`build_model`, :meth:`batch_normaliser`,
+    :meth:`micro_batch_loss` and :meth:`training_metrics` (and optionally
+    :meth:`flops_per_token`, :meth:`trainable_parameters`); PPO, whose step
+    holds a rollout and several optimizer steps, overrides ``training_step``
+    and calls :meth:`optimization_step` once per minibatch.
+    """
 
     stage: str = "base"
+    #: what this stage reads from its DataModule (checked in ``setup``)
+    data_protocol: type = StageData
+    #: the DataModule setting named when the data's sequence length exceeds the model's
+    seq_len_field: str = "data.seq_len"
+    #: raised when a loss or gradient norm is not finite
+    divergence_error: type[Exception] = FloatingPointError
+    #: how training FLOPs are counted (see :mod:`lmlab.models.counting`)
+    flop_convention: str = "palm"
 
     def __init__(
         self,
         config: TransformerConfig,
-        optimizer: Optional[OptimizerConfig] = None,
-        schedule: Optional[ScheduleConfig] = None,
-        gradient_clip_val: float = 1.0,
-        compile: bool = False,
+        settings: Optional[TrainingSettings] = None,
         init_from: Optional[str] = None,
-        peak_flops_per_device: Optional[float] = None,
     ):
         super().__init__()
         self.automatic_optimization = False
         self.config = config
-        self.optimizer_config = optimizer or OptimizerConfig()
-        self.schedule_config = schedule or ScheduleConfig()
-        self.gradient_clip_val = gradient_clip_val
-        self.compile_model = compile
+        self.settings = settings or TrainingSettings()
         self.init_from = init_from
-        self.peak_flops_per_device = peak_flops_per_device
         self.tokens_seen = 0
         self._tokenizer_record: dict = {}
         self._tokenizer_recorded_for = None
+        #: rows per forward/backward; from the DataModule (``None``: the whole batch)
+        self.micro_batch_size: Optional[int] = None
+        #: the data's sequence length, when it has one
+        self.seq_len: Optional[int] = None
+        #: one dict of validation metrics (and its ``step``) per validation run
+        self.val_history: list[dict[str, Any]] = []
         self._last_step_time: Optional[float] = None
         self._last_grad_norm: Optional[torch.Tensor] = None
         self.model: nn.Module = self.build_model()
@@ -65,12 +150,42 @@ class LMModuleBase(pl.LightningModule):
             self.load_initial_weights(init_from)
         self._compiled = None
 
+    @property
+    def gradient_clip_val(self) -> float:
+        """The clipping threshold (also what the DeepSpeed strategy hands its engine)."""
+        return self.settings.gradient_clip_val
+
     # -- to implement ---------------------------------------------------------
     def build_model(self) -> nn.Module:
         raise NotImplementedError
 
     def flops_per_token(self) -> Optional[float]:
         return None
+
+    def batch_normaliser(self, batch: Any) -> Any:
+        """What one batch's loss is normalised by (e.g. its target tokens); ``None`` skips the batch."""
+        raise NotImplementedError
+
+    def micro_batch_loss(self, micro_batch: Any, normaliser: Any) -> tuple[torch.Tensor, dict[str, Any]]:
+        """``(loss, outputs)`` of one micro-batch.
+
+        ``loss`` is this micro-batch's share of the batch loss (the shares sum
+        to the batch loss, so the summed gradients are the batch gradient);
+        ``outputs`` are detached values that :func:`add_up` can sum.
+        """
+        raise NotImplementedError
+
+    def training_metrics(self, batch: Any, outputs: list[dict[str, Any]], normaliser: Any) -> StepResult:
+        """Loss, metrics and token count of a step from its micro-batch outputs."""
+        raise NotImplementedError
+
+    def optimizer_steps_per_batch(self) -> int:
+        """Optimizer steps one training batch takes (1 here; a PPO iteration takes several)."""
+        return 1
+
+    def trainable_parameters(self) -> Iterable[nn.Parameter]:
+        """The parameters the optimizer updates and the clipping covers."""
+        return self.model.parameters()
 
     # -- weights -----------------------------------------------------------------
     def load_initial_weights(self, path: str) -> None:
@@ -94,14 +209,39 @@ class LMModuleBase(pl.LightningModule):
         return self._compiled if self._compiled is not None else self.model
 
     def setup(self, stage: str) -> None:
-        if self.compile_model and self._compiled is None:
+        if self.settings.compile and self._compiled is None:
             self._compiled = torch.compile(self.model)
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        if dm is not None:
+            self.attach_data(dm)
+        if stage == "fit" and self._trainer is not None and self.optimizer_steps_per_batch() != 1:
+            count_progress_in_optimizer_steps(self.trainer, self.optimizer_steps_per_batch())
+
+    def attach_data(self, dm: StageData) -> None:
+        """Check the DataModule against the model and take what the stage reads from it."""
+        require(dm, self.data_protocol)
+        if dm.vocab_size > self.config.vocab_size:
+            raise ConfigError(
+                "model.config.vocab_size",
+                f"tokenizer has {dm.vocab_size} tokens but the model only {self.config.vocab_size}",
+                f"set model.config.vocab_size >= {dm.vocab_size}",
+            )
+        self.micro_batch_size = dm.micro_batch_size
+
+    def check_seq_len(self, seq_len: int) -> None:
+        """``ConfigError`` when the data's sequences are longer than the model's context."""
+        if seq_len > self.config.max_seq_len:
+            raise ConfigError(
+                self.seq_len_field,
+                f"{seq_len} exceeds model.config.max_seq_len={self.config.max_seq_len}",
+                f"lower {self.seq_len_field} or raise model.config.max_seq_len",
+            )
 
     # -- optimisation ---------------------------------------------------------------
     def configure_optimizers(self):
-        opt = build_optimizer(self.model, self.optimizer_config, cpu_offload=offloads_optimizer(self))
-        max_steps = self.trainer.max_steps if self.trainer is not None and self.trainer.max_steps > 0 else None
-        lr_lambda = make_lr_lambda(self.schedule_config, max_steps)
+        opt = build_optimizer(self.model, self.settings.optimizer, cpu_offload=offloads_optimizer(self))
+        max_steps = self.trainer.max_steps if self._trainer is not None and self.trainer.max_steps > 0 else None
+        lr_lambda = make_lr_lambda(self.settings.schedule, max_steps)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
@@ -111,13 +251,53 @@ class LMModuleBase(pl.LightningModule):
 
         maybe_parallelize(self)
 
-    def accumulation_context(self, last: bool):
-        """Reduce gradients only on the last micro-batch (DDP no_sync, FSDP2, DeepSpeed boundary)."""
-        return accumulation_context(self, last)
+    def micro_batches(self, batch: Any) -> list[Any]:
+        """The batch split into chunks of ``micro_batch_size`` rows."""
+        return split_batch(batch, self.micro_batch_size)
+
+    def training_step(self, batch: Any, batch_idx: int):
+        normaliser = self.batch_normaliser(batch)
+        if normaliser is None:
+            return None
+        outputs = self.optimization_step(self.micro_batches(batch), normaliser)
+        result = self.training_metrics(batch, outputs, normaliser)
+        self.log("train/loss", result.loss, prog_bar=True, on_step=True, on_epoch=False)
+        self.log_dict(result.metrics, on_step=True, on_epoch=False)
+        self.log_step_stats(result.tokens)
+        return {"loss": result.loss}
+
+    def optimization_step(self, micro_batches: Sequence[Any], normaliser: Any) -> list[dict[str, Any]]:
+        """One optimizer update over ``micro_batches``; returns each micro-batch's outputs.
+
+        Gradients accumulate over the micro-batches and are reduced across
+        ranks on the last one only; a non-finite loss stops training before
+        the optimizer step, so no corrupt update reaches a checkpoint.
+        """
+        outputs = []
+        loss_sum: Optional[torch.Tensor] = None
+        last = len(micro_batches) - 1
+        for i, micro in enumerate(micro_batches):
+            with accumulation_context(self, last=i == last):
+                loss, out = self.micro_batch_loss(micro, normaliser)
+                self.manual_backward(loss)
+            loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+            outputs.append(out)
+        # one host sync per step, not per micro-batch: a bad micro-batch only spoils gradients not yet applied
+        self.check_finite(loss_sum, "loss")
+        self.optimizer_update()
+        return outputs
+
+    def check_finite(self, value: torch.Tensor, what: str) -> None:
+        """Stop with a clear message (before any optimizer step) when ``value`` is NaN or infinite."""
+        if not bool(torch.isfinite(value).all()):
+            raise self.divergence_error(
+                f"{self.stage}: non-finite {what} at step {self.global_step}; training stopped before the "
+                "optimizer step, so no checkpoint holds corrupt weights (lower the learning rate or check the data)"
+            )
 
     def on_before_optimizer_step(self, optimizer) -> None:
         # Runs after fp16 unscaling and before the update: the norm here is the true global one.
-        self._last_grad_norm = clip_grad_norm(self, self.gradient_clip_val)
+        self._last_grad_norm = clip_grad_norm(self, self.settings.gradient_clip_val, self.trainable_parameters())
 
     def optimizer_update(self) -> None:
         opt = self.optimizers()
@@ -148,11 +328,29 @@ class LMModuleBase(pl.LightningModule):
             tps = global_tokens / max(dt, 1e-9)
             stats["perf/tokens_per_sec"] = tps
             fpt = self.flops_per_token()
-            peak = self.peak_flops_per_device or detect_peak_flops(self.device, self.trainer.precision if self.trainer else None)
+            peak = self.settings.peak_flops_per_device or detect_peak_flops(self.device, self.trainer.precision if self.trainer else None)
             if fpt and peak:
                 stats["perf/mfu"] = fpt * tps / (peak * world)
         self._last_step_time = now
         self.log_dict(stats, on_step=True, on_epoch=False, rank_zero_only=True)
+
+    def record_validation(self, metrics: dict[str, Any]) -> None:
+        """Log one validation run's metrics and, outside the sanity check, add them to ``val_history``."""
+        self.log_dict(metrics, on_step=False, on_epoch=True)
+        if not self.trainer.sanity_checking:
+            self.val_history.append({"step": int(self.global_step), **metrics})
+
+    def run_metadata(self) -> RunMetadata:
+        """What this run declares to callbacks (see :class:`RunMetadata`)."""
+        return RunMetadata(
+            stage=self.stage,
+            model_config=self.config,
+            settings=self.settings,
+            tokens_seen=int(self.tokens_seen),
+            seq_len=int(self.seq_len or self.config.max_seq_len),
+            flop_convention=self.flop_convention,
+            val_history=list(self.val_history),
+        )
 
     # -- test = validation on the test loader ---------------------------------------
     def test_step(self, batch, batch_idx, dataloader_idx: int = 0):

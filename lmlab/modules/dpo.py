@@ -12,8 +12,10 @@ from lmlab.errors import ConfigError
 from lmlab.models.checkpoint import open_checkpoint
 from lmlab.models.config import TransformerConfig
 from lmlab.models.heads import CausalLM
-from lmlab.modules.optim import OptimizerConfig, ScheduleConfig
-from lmlab.modules.posttrain_base import PostTrainModuleBase, check_tokenizer_match, split_batch
+from lmlab.modules.base import StepResult, add_up
+from lmlab.modules.data_contract import PreferenceData
+from lmlab.modules.optim import TrainingSettings
+from lmlab.modules.posttrain_base import PostTrainModuleBase, check_tokenizer_match
 from lmlab.modules.preference_losses import dpo_loss
 from lmlab.modules.rlhf_math import logprobs_from_logits
 
@@ -41,11 +43,19 @@ def _pair_logps(model: torch.nn.Module, batch: dict, vocab_size: int) -> tuple[t
 
 @torch.no_grad()
 def precompute_reference_logps(model: torch.nn.Module, examples: list[dict], collate, vocab_size: int, batch_size: int = 32,
-                               device: Optional[torch.device] = None) -> None:
-    """Add ``ref_chosen_logps``/``ref_rejected_logps`` to every preference example, in place."""
+                               device: Optional[torch.device] = None, progress: Optional[str] = None) -> None:
+    """Add ``ref_chosen_logps``/``ref_rejected_logps`` to every preference example, in place.
+
+    ``progress``: show a progress bar with this description (None: silent).
+    """
     was_training = model.training
     model.eval()
-    for start in range(0, len(examples), batch_size):
+    starts = range(0, len(examples), batch_size)
+    if progress is not None:
+        from tqdm import tqdm
+
+        starts = tqdm(starts, desc=progress, unit="batch", leave=False, dynamic_ncols=True)
+    for start in starts:
         chunk = examples[start : start + batch_size]
         batch = {k: v.to(device) if device is not None else v for k, v in collate(chunk).items()}
         c, r = _pair_logps(model, batch, vocab_size)
@@ -73,12 +83,8 @@ class DPOModule(PostTrainModuleBase):
 
     Args:
         config: Policy shape; omit to take it from ``init_from``.
-        optimizer: AdamW settings.
-        schedule: Learning-rate schedule.
-        gradient_clip_val: Clip the global gradient norm to this (0: off).
-        compile: ``torch.compile`` the policy.
+        settings: Optimizer, schedule, clipping, compile and peak FLOP/s.
         init_from: Starting policy, usually an SFT checkpoint.
-        peak_flops_per_device: Peak FLOP/s for MFU.
         beta: Strength of the implicit KL constraint.
         label_smoothing: Assumed label-flip probability (0: plain DPO).
         ref_model: Reference checkpoint (default: a frozen copy of the initial policy).
@@ -87,16 +93,13 @@ class DPOModule(PostTrainModuleBase):
 
     stage = "dpo"
     frozen_prefixes = ("ref_model.",)
+    data_protocol = PreferenceData
 
     def __init__(
         self,
         config: Optional[TransformerConfig] = None,
-        optimizer: Optional[OptimizerConfig] = None,
-        schedule: Optional[ScheduleConfig] = None,
-        gradient_clip_val: float = 1.0,
-        compile: bool = False,
+        settings: Optional[TrainingSettings] = None,
         init_from: Optional[str] = None,
-        peak_flops_per_device: Optional[float] = None,
         beta: float = 0.1,
         label_smoothing: float = 0.0,
         ref_model: Optional[str] = None,
@@ -109,7 +112,7 @@ class DPOModule(PostTrainModuleBase):
         self.beta = float(beta)
         self.label_smoothing = float(label_smoothing)
         self.precompute_reference = precompute_reference
-        super().__init__(config, optimizer, schedule, gradient_clip_val, compile, init_from, peak_flops_per_device)
+        super().__init__(config, settings, init_from)
         if ref_model:
             ref_ckpt = open_checkpoint(ref_model, "model.ref_model")
             ref = ref_ckpt.causal_lm()
@@ -123,7 +126,6 @@ class DPOModule(PostTrainModuleBase):
         ref.requires_grad_(False)
         self.ref_model: Optional[CausalLM] = ref.eval()
         self._val: list[torch.Tensor] = []
-        self.val_history: list[dict] = []
 
     def build_model(self) -> CausalLM:
         return CausalLM(self.config)
@@ -131,15 +133,18 @@ class DPOModule(PostTrainModuleBase):
     def on_fit_start(self) -> None:
         if not self.precompute_reference or self.ref_model is None:
             return
-        dm = self._datamodule()
-        if dm is None or not hasattr(dm, "train_examples"):
+        dm = self.trainer.datamodule  # setup already checked it against PreferenceData
+        if dm is None:
             raise ConfigError("model.precompute_reference", "needs a PreferenceDataModule", "use lmlab.data.posttrain_datamodules.PreferenceDataModule")
         dm.setup("fit")
         collate = dm._collate()
-        for examples in (dm.train_examples, dm.val_examples):
+        # this can take minutes on a large set: show progress wherever the trainer shows its own
+        show = self.trainer.progress_bar_callback is not None and self.trainer.is_global_zero
+        for split, examples in (("train", dm.train_examples), ("validation", dm.val_examples)):
             if examples:
                 precompute_reference_logps(self.ref_model, examples, collate, self.config.vocab_size,
-                                           batch_size=dm.val_batch_size, device=self.device)
+                                           batch_size=dm.val_batch_size, device=self.device,
+                                           progress=f"dpo: reference log-probs ({split})" if show else None)
         # the reference is no longer needed: free it (its log-probs now travel with the batches)
         self.ref_model = None
 
@@ -159,30 +164,24 @@ class DPOModule(PostTrainModuleBase):
         rc, rr = self.reference_logps(batch)
         return dpo_loss(pc, pr, rc, rr, self.beta, self.label_smoothing)
 
-    def training_step(self, batch: dict, batch_idx: int):
+    def batch_normaliser(self, batch: dict):
         n_pairs = batch["chosen_input_ids"].shape[0]
         no_target = ((batch["chosen_labels"][:, 1:] != IGNORE_INDEX).sum(1) == 0) | ((batch["rejected_labels"][:, 1:] != IGNORE_INDEX).sum(1) == 0)
         if n_pairs == 0 or bool(no_target.any()):
             self.skip_batch("a pair with no reply tokens")
             return None
-        chunks = split_batch(batch, self.micro_batch_size or n_pairs)
-        sums: dict[str, torch.Tensor] = {}
-        total = torch.zeros((), device=self.device)
-        for i, chunk in enumerate(chunks):
-            with self.accumulation_context(last=i == len(chunks) - 1):
-                loss, metrics = self._loss(chunk)
-                self.check_finite(loss.detach(), "DPO loss")
-                w = chunk["chosen_input_ids"].shape[0] / n_pairs
-                self.manual_backward(loss * w)
-            total += loss.detach() * w
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + v * w
-        self.optimizer_update()
-        self.log("train/loss", total, prog_bar=True, on_step=True, on_epoch=False)
-        self.log_dict({f"train/{k}": v for k, v in sums.items()}, on_step=True, on_epoch=False)
+        return n_pairs
+
+    def micro_batch_loss(self, micro_batch: dict, normaliser: int):
+        loss, metrics = self._loss(micro_batch)
+        w = micro_batch["chosen_input_ids"].shape[0] / normaliser
+        return loss * w, {"train/loss": loss.detach() * w, **{f"train/{k}": v * w for k, v in metrics.items()}}
+
+    def training_metrics(self, batch: dict, outputs: list, normaliser: int) -> StepResult:
+        sums = add_up(outputs)
+        loss = sums.pop("train/loss")
         tokens = int(batch["chosen_attention_mask"].sum() + batch["rejected_attention_mask"].sum())
-        self.log_step_stats(tokens)
-        return {"loss": total}
+        return StepResult(loss, sums, tokens)
 
     # -- validation -------------------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
@@ -202,6 +201,4 @@ class DPOModule(PostTrainModuleBase):
             rows = self.trainer.strategy.all_gather(rows).reshape(-1, 4)
         loss, metrics = dpo_loss(rows[:, 0], rows[:, 1], rows[:, 2], rows[:, 3], self.beta, self.label_smoothing)
         out: dict[str, Any] = {"val/loss": float(loss), **{f"val/{k}": float(v) for k, v in metrics.items()}}
-        self.log_dict(out, on_step=False, on_epoch=True)
-        if not self.trainer.sanity_checking:
-            self.val_history.append({"step": int(self.global_step), **out})
+        self.record_validation(out)

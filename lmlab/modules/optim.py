@@ -14,7 +14,7 @@ the first update) returning a multiplier of the peak learning rate:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 import torch
@@ -70,6 +70,26 @@ class ScheduleConfig:
     min_lr_ratio: float = 0.1
     decay_fraction: float = 0.2
     decay_shape: Literal["linear", "cosine", "sqrt"] = "linear"
+
+
+@dataclass
+class TrainingSettings:
+    """The training settings every stage shares (``model.settings`` in a YAML).
+
+    Args:
+        optimizer: AdamW (or SGD) settings; weight decay only on matrices.
+        schedule: Learning-rate schedule over optimizer steps.
+        gradient_clip_val: Clip the global gradient norm to this (0: off).
+        compile: ``torch.compile`` the trained network.
+        peak_flops_per_device: Peak FLOP/s for MFU; default looked up from the
+            device name (none on CPU, so MFU is logged only when this is set).
+    """
+
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    gradient_clip_val: float = 1.0
+    compile: bool = False
+    peak_flops_per_device: Optional[float] = None
 
 
 def inverse_sqrt(t: int, warmup: int) -> float:
@@ -139,17 +159,17 @@ class LRLambda:
             return warmup_stable_decay(t, self.warmup, self.total, self.min_ratio, self.decay_fraction, self.shape)
         if self.name == "constant":
             return constant_with_warmup(t, self.warmup)
-        raise ConfigError("model.schedule.name", f"unknown schedule {self.name!r}", "use cosine, wsd, inverse_sqrt or constant")
+        raise ConfigError("model.settings.schedule.name", f"unknown schedule {self.name!r}", "use cosine, wsd, inverse_sqrt or constant")
 
 
 def make_lr_lambda(cfg: ScheduleConfig, max_steps: Optional[int]) -> LRLambda:
     total = cfg.total_steps or max_steps
     if cfg.name in ("cosine", "wsd") and (total is None or total <= 0):
         raise ConfigError(
-            "model.schedule.total_steps", f"the {cfg.name} schedule needs a length", "set trainer.max_steps or schedule.total_steps"
+            "model.settings.schedule.total_steps", f"the {cfg.name} schedule needs a length", "set trainer.max_steps or model.settings.schedule.total_steps"
         )
     if cfg.warmup_steps < 0:
-        raise ConfigError("model.schedule.warmup_steps", f"must be >= 0, got {cfg.warmup_steps}")
+        raise ConfigError("model.settings.schedule.warmup_steps", f"must be >= 0, got {cfg.warmup_steps}")
     return LRLambda(cfg.name, cfg.warmup_steps, int(total or 0), cfg.min_lr_ratio, cfg.decay_fraction, cfg.decay_shape)
 
 
@@ -185,7 +205,7 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig, cpu_offload: bool = 
     """
     groups = param_groups(model, cfg)
     if cfg.lr <= 0:
-        raise ConfigError("model.optimizer.lr", f"must be positive, got {cfg.lr}")
+        raise ConfigError("model.settings.optimizer.lr", f"must be positive, got {cfg.lr}")
     if cfg.name == "adamw" and cpu_offload:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
@@ -197,14 +217,4 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig, cpu_offload: bool = 
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, **kwargs)
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
-    raise ConfigError("model.optimizer.name", f"unknown optimizer {cfg.name!r}", "use adamw or sgd")
-
-
-def clip_by_global_norm(parameters, max_norm: float) -> torch.Tensor:
-    """g <- g * min(1, max_norm / ||g||); returns the norm before clipping."""
-    params = [p for p in parameters if p.grad is not None]
-    if not params:
-        return torch.tensor(0.0)
-    if max_norm is None or max_norm <= 0:
-        return torch.nn.utils.get_total_norm([p.grad for p in params])
-    return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    raise ConfigError("model.settings.optimizer.name", f"unknown optimizer {cfg.name!r}", "use adamw or sgd")

@@ -22,8 +22,9 @@ import torch
 from lmlab.errors import ConfigError
 from lmlab.models.checkpoint import Checkpoint, open_checkpoint
 from lmlab.models.config import TransformerConfig
-from lmlab.modules.base import LMModuleBase
-from lmlab.modules.optim import OptimizerConfig, ScheduleConfig
+from lmlab.modules.base import LMModuleBase, split_batch
+from lmlab.modules.data_contract import PostTrainData, SequenceData, provides
+from lmlab.modules.optim import TrainingSettings
 
 log = logging.getLogger(__name__)
 
@@ -65,25 +66,6 @@ def check_tokenizer_match(expected: Optional[dict], found: Optional[dict], field
         )
 
 
-def split_batch(batch: dict[str, Any], size: int) -> list[dict[str, Any]]:
-    """Split every (B, ...) tensor of ``batch`` into chunks of ``size`` rows; lists are split alike."""
-    n = next(v.shape[0] for v in batch.values() if isinstance(v, torch.Tensor))
-    if size >= n:
-        return [batch]
-    chunks = []
-    for start in range(0, n, size):
-        chunk = {}
-        for key, value in batch.items():
-            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == n:
-                chunk[key] = value[start : start + size]
-            elif isinstance(value, list) and len(value) == n:
-                chunk[key] = value[start : start + size]
-            else:
-                chunk[key] = value
-        chunks.append(chunk)
-    return chunks
-
-
 class PostTrainModuleBase(LMModuleBase):
     """Shared setup of the post-training stages: config from ``init_from``, tokenizer checks, skip accounting."""
 
@@ -92,71 +74,42 @@ class PostTrainModuleBase(LMModuleBase):
     #: left out of checkpoints, and filled back in from the fresh module on resume
     frozen_prefixes: tuple[str, ...] = ()
 
+    data_protocol = PostTrainData
+    seq_len_field = "data.max_length"
+
     def __init__(
         self,
         config: Optional[TransformerConfig] = None,
-        optimizer: Optional[OptimizerConfig] = None,
-        schedule: Optional[ScheduleConfig] = None,
-        gradient_clip_val: float = 1.0,
-        compile: bool = False,
+        settings: Optional[TrainingSettings] = None,
         init_from: Optional[str] = None,
-        peak_flops_per_device: Optional[float] = None,
     ):
         source = open_checkpoint(init_from, "model.init_from") if init_from else None
         config = resolve_config(config, source)
-        super().__init__(config, optimizer, schedule, gradient_clip_val, compile, init_from, peak_flops_per_device)
+        super().__init__(config, settings, init_from)
         self.init_meta: dict[str, Any] = read_checkpoint_meta(source) if source is not None else {}
         self.tokenizer_info: Optional[dict[str, Any]] = self.init_meta.get("tokenizer")
         self.tokenizer = None
         self.pad_id = 0
-        self.micro_batch_size: Optional[int] = None
         self.skipped_batches = 0
 
     # -- data checks -----------------------------------------------------------------
-    def _datamodule(self):
-        return getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-
-    def setup(self, stage: str) -> None:
-        super().setup(stage)
-        dm = self._datamodule()
-        if dm is not None:
-            self.attach_data(dm)
-
-    def attach_data(self, dm: Any) -> None:
+    def attach_data(self, dm: PostTrainData) -> None:
         """Check the DataModule against the model and take its tokenizer, pad id and micro-batch size."""
-        if dm.vocab_size > self.config.vocab_size:
-            raise ConfigError(
-                "model.config.vocab_size",
-                f"tokenizer has {dm.vocab_size} tokens but the model only {self.config.vocab_size}",
-                f"set model.config.vocab_size >= {dm.vocab_size}",
-            )
-        seq_len = getattr(dm, "seq_len", None)
-        if seq_len is not None and seq_len > self.config.max_seq_len:
-            raise ConfigError(
-                "data.max_length",
-                f"{seq_len} exceeds model.config.max_seq_len={self.config.max_seq_len}",
-                "lower data.max_length or raise model.config.max_seq_len",
-            )
+        super().attach_data(dm)
+        if provides(dm, SequenceData):
+            self.check_seq_len(dm.seq_len)
+            self.seq_len = dm.seq_len
         info = dm.tokenizer_info
         check_tokenizer_match(info, self.init_meta.get("tokenizer"), "model.init_from", f"checkpoint {self.init_from}")
         self.tokenizer_info = info
         self.tokenizer = dm.tokenizer
         self.pad_id = dm.pad_id
-        self.micro_batch_size = getattr(dm, "micro_batch_size", None)
 
     # -- step helpers ------------------------------------------------------------------
     def skip_batch(self, reason: str) -> None:
         """Count and warn about a batch that cannot be trained on (it never yields a NaN loss)."""
         self.skipped_batches += 1
         log.warning("%s: skipped a batch at step %d (%s); %d skipped so far", self.stage, self.global_step, reason, self.skipped_batches)
-
-    def check_finite(self, value: torch.Tensor, what: str) -> None:
-        """Stop with a clear message (before any optimizer step) when ``value`` is NaN or infinite."""
-        if not bool(torch.isfinite(value).all()):
-            raise FloatingPointError(
-                f"{self.stage}: non-finite {what} at step {self.global_step}; training stopped before the "
-                "optimizer step, so no checkpoint holds corrupt weights (lower the learning rate or check the data)"
-            )
 
     def on_before_optimizer_step(self, optimizer) -> None:
         super().on_before_optimizer_step(optimizer)

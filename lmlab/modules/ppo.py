@@ -32,7 +32,6 @@ import importlib
 import logging
 import math
 from dataclasses import dataclass, field
-from itertools import chain
 from typing import Any, Callable, Literal, Optional, Union
 
 import torch
@@ -44,7 +43,9 @@ from lmlab.models.checkpoint import load_backbone_weights, open_checkpoint
 from lmlab.models.config import TransformerConfig
 from lmlab.models.generation import GenerationOutput, generate
 from lmlab.models.heads import CausalLM, ScalarModel
-from lmlab.modules.optim import OptimizerConfig, ScheduleConfig, build_optimizer, clip_by_global_norm, make_lr_lambda, param_groups
+from lmlab.modules.base import add_up
+from lmlab.modules.data_contract import PromptData
+from lmlab.modules.optim import TrainingSettings, build_optimizer, make_lr_lambda, param_groups
 from lmlab.modules.posttrain_base import PostTrainModuleBase, check_tokenizer_match, read_checkpoint_meta
 from lmlab.modules.reward import score_sequences
 from lmlab.modules.rlhf_math import (
@@ -271,12 +272,10 @@ class PPOModule(PostTrainModuleBase):
 
     Args:
         config: Policy shape; omit to take it from ``init_from``.
-        optimizer: AdamW settings (policy and value).
-        schedule: Learning-rate schedule (over optimizer steps).
-        gradient_clip_val: Clip the joint gradient norm to this (0: off).
-        compile: ``torch.compile`` the policy's training forward.
+        settings: Optimizer (policy and value), schedule (over optimizer steps),
+            clipping of the joint policy + value gradient norm, ``compile`` (the
+            policy's training forward) and peak FLOP/s.
         init_from: The starting policy, usually an SFT checkpoint.
-        peak_flops_per_device: Peak FLOP/s for MFU.
         reward_model: Reward-model checkpoint (give this or ``reward_fn``).
         reward_fn: Dotted path of ``fn(prompt, response, **reward_fn_kwargs) -> float``
             (from Python, the function itself); ``prompt`` and ``response`` are the
@@ -299,16 +298,14 @@ class PPOModule(PostTrainModuleBase):
 
     stage = "ppo"
     frozen_prefixes = ("ref_model.", "reward_model.", "safety_model.")
+    data_protocol = PromptData
+    divergence_error = PPODivergenceError
 
     def __init__(
         self,
         config: Optional[TransformerConfig] = None,
-        optimizer: Optional[OptimizerConfig] = None,
-        schedule: Optional[ScheduleConfig] = None,
-        gradient_clip_val: float = 1.0,
-        compile: bool = False,
+        settings: Optional[TrainingSettings] = None,
         init_from: Optional[str] = None,
-        peak_flops_per_device: Optional[float] = None,
         reward_model: Optional[str] = None,
         reward_fn: Optional[Union[str, Callable[..., float]]] = None,
         reward_fn_kwargs: Optional[dict[str, Any]] = None,
@@ -332,7 +329,7 @@ class PPOModule(PostTrainModuleBase):
         self.val_temperature = val_temperature
         self.seed = seed
         self._validate_settings(reward_model, reward_fn, value_init)
-        super().__init__(config, optimizer, schedule, gradient_clip_val, compile, init_from, peak_flops_per_device)
+        super().__init__(config, settings, init_from)
         if not init_from:
             log.warning("ppo: no model.init_from given; PPO starts from a randomly initialised policy")
 
@@ -391,9 +388,9 @@ class PPOModule(PostTrainModuleBase):
         self.score_moments = RunningMoments()
         self.ref_score_stats: Optional[tuple[float, float]] = None
         self.stop_ids: list[int] = []
+        self.rollout_batch_size: Optional[int] = None
         self.history: list[dict[str, float]] = []
         self.minibatch_stats: list[dict[str, float]] = []
-        self.val_history: list[dict[str, float]] = []
         self.stopped_reason: Optional[str] = None
         self._val_rows: list[torch.Tensor] = []
         self._generator: Optional[torch.Generator] = None
@@ -444,14 +441,15 @@ class PPOModule(PostTrainModuleBase):
     def build_model(self) -> CausalLM:
         return CausalLM(self.config)
 
-    def attach_data(self, dm: Any) -> None:
+    def attach_data(self, dm: PromptData) -> None:
         super().attach_data(dm)
         check_tokenizer_match(self.tokenizer_info, self.reward_meta.get("tokenizer"), "model.reward_model",
                               f"reward model {self.reward_model_path}")
         check_tokenizer_match(self.tokenizer_info, self.safety_meta.get("tokenizer"), "model.safety.model",
                               f"safety model {self.safety_cfg.model}")
         self.stop_ids = list(dm.stop_ids)
-        longest = dm.longest_prompt if hasattr(dm, "longest_prompt") else 0
+        self.rollout_batch_size = dm.batch_size
+        longest = dm.longest_prompt
         if longest + self.rollout_cfg.max_new_tokens > self.config.max_seq_len:
             raise ConfigError("model.rollout.max_new_tokens",
                               f"the longest prompt ({longest} tokens) plus {self.rollout_cfg.max_new_tokens} new tokens "
@@ -464,18 +462,22 @@ class PPOModule(PostTrainModuleBase):
     # -- optimisation -----------------------------------------------------------------------------
     def configure_optimizers(self):
         # one optimizer, policy and value parameter groups; the value model may have its own peak LR
-        opt = build_optimizer(self.model, self.optimizer_config, cpu_offload=offloads_optimizer(self))
-        value_lr = self.ppo_cfg.value_lr or self.optimizer_config.lr
-        for group in param_groups(self.value_model, self.optimizer_config):
+        opt_cfg = self.settings.optimizer
+        opt = build_optimizer(self.model, opt_cfg, cpu_offload=offloads_optimizer(self))
+        value_lr = self.ppo_cfg.value_lr or opt_cfg.lr
+        for group in param_groups(self.value_model, opt_cfg):
             opt.add_param_group({**group, "lr": value_lr})
         max_steps = self.trainer.max_steps if self._trainer is not None and self.trainer.max_steps > 0 else None
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, make_lr_lambda(self.schedule_config, max_steps))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, make_lr_lambda(self.settings.schedule, max_steps))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
-    def on_before_optimizer_step(self, optimizer) -> None:
-        params = chain(self.model.parameters(), self.value_model.parameters())
-        self._last_grad_norm = clip_by_global_norm(params, self.gradient_clip_val)
-        self.check_finite(self._last_grad_norm, "gradient norm")
+    def optimizer_steps_per_batch(self) -> int:
+        batch = self.rollout_batch_size or 1
+        return self.ppo_cfg.ppo_epochs * max(batch // (self.ppo_cfg.mini_batch_size or batch), 1)
+
+    def trainable_parameters(self):
+        # the clipping covers the joint policy + value gradient, as the one optimizer updates both
+        return [*self.model.parameters(), *self.value_model.parameters()]
 
     # -- rollout ------------------------------------------------------------------------------------
     def _sampler(self) -> torch.Generator:
@@ -664,32 +666,30 @@ class PPOModule(PostTrainModuleBase):
         return {k: sum(s[k] for s in self.minibatch_stats) / len(self.minibatch_stats) for k in keys}
 
     def _minibatch_step(self, ro: Rollout, idx: torch.Tensor, micro: int) -> dict[str, float]:
+        """One optimizer step on the rollouts ``idx`` (through :meth:`optimization_step`); weighted mean stats."""
+        n_tok = ro.response_mask[idx].sum().clamp(min=1)
+        outputs = self.optimization_step([(ro, sub) for sub in idx.split(micro)], n_tok)
+        return add_up(outputs)
+
+    def micro_batch_loss(self, micro_batch: tuple[Rollout, torch.Tensor], normaliser: torch.Tensor):
+        """Clipped policy loss + ``vf_coef`` x clipped value loss of the rollouts ``sub``, weighted by their response tokens."""
+        ro, sub = micro_batch
         cfg, r = self.ppo_cfg, self.rollout_cfg
         P = ro.prompt_width
-        n_tok = ro.response_mask[idx].sum().clamp(min=1)
-        sums: dict[str, float] = {}
-        chunks = idx.split(micro)
-        for i, sub in enumerate(chunks):
-            m = ro.response_mask[sub]
-            weight = m.sum() / n_tok
-            with self.accumulation_context(last=i == len(chunks) - 1):
-                new_lp, _ = self.response_logprobs(self.net, ro.sequences[sub], ro.attention_mask[sub], ro.position_ids[sub],
-                                                   ro.responses[sub], P, r.temperature)
-                new_v = self.values_of(self.value_model, ro.sequences[sub], ro.attention_mask[sub], ro.position_ids[sub], P)
-                pg, pstats = ppo_policy_loss(new_lp, ro.logprobs[sub], ro.advantages[sub], m, cfg.clip_range)
-                vf, vstats = ppo_value_loss(new_v, ro.values[sub], ro.returns[sub], m, cfg.clip_range_value)
-                loss = pg + cfg.vf_coef * vf
-                if not bool(torch.isfinite(loss.detach())):
-                    raise PPODivergenceError(f"ppo: non-finite loss at step {self.global_step} (policy {float(pg):.3g}, "
-                                             f"value {float(vf):.3g}); stopped before the optimizer step")
-                self.manual_backward(loss * weight)
-            w = float(weight)
-            for key, value in (("loss/policy", pg), ("loss/value", vf), ("loss/total", loss), ("policy/approxkl", pstats["approxkl"]),
-                               ("policy/clipfrac", pstats["clipfrac"]), ("val/ratio", pstats["ratio_mean"]),
-                               ("val/clipfrac", vstats["vf_clipfrac"]), ("val/error", vstats["value_error"])):
-                sums[key] = sums.get(key, 0.0) + w * float(value.detach())
-        self.optimizer_update()
-        return sums
+        m = ro.response_mask[sub]
+        weight = m.sum() / normaliser
+        new_lp, _ = self.response_logprobs(self.net, ro.sequences[sub], ro.attention_mask[sub], ro.position_ids[sub],
+                                           ro.responses[sub], P, r.temperature)
+        new_v = self.values_of(self.value_model, ro.sequences[sub], ro.attention_mask[sub], ro.position_ids[sub], P)
+        pg, pstats = ppo_policy_loss(new_lp, ro.logprobs[sub], ro.advantages[sub], m, cfg.clip_range)
+        vf, vstats = ppo_value_loss(new_v, ro.values[sub], ro.returns[sub], m, cfg.clip_range_value)
+        loss = pg + cfg.vf_coef * vf
+        w = float(weight)
+        stats = {key: w * float(value.detach()) for key, value in (
+            ("loss/policy", pg), ("loss/value", vf), ("loss/total", loss), ("policy/approxkl", pstats["approxkl"]),
+            ("policy/clipfrac", pstats["clipfrac"]), ("val/ratio", pstats["ratio_mean"]),
+            ("val/clipfrac", vstats["vf_clipfrac"]), ("val/error", vstats["value_error"]))}
+        return loss * weight, stats
 
     # -- validation: held-out prompts -----------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
@@ -725,9 +725,7 @@ class PPOModule(PostTrainModuleBase):
         out = {"eval/score": means[0], "eval/length": means[1], "eval/eos_rate": means[2]}
         if len(means) > 3:
             out["eval/kl"] = means[3]
-        self.log_dict(out, on_step=False, on_epoch=True)
-        if not self.trainer.sanity_checking:
-            self.val_history.append({"step": float(self.global_step), **out})
+        self.record_validation(out)
 
     # -- checkpoint state ---------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -10,13 +10,13 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 
 from lmlab.distributed.hooks import data_parallel_rank_and_size
-from lmlab.errors import ConfigError
 from lmlab.models.config import TransformerConfig
 from lmlab.models.counting import count_params, flops_per_token, training_flops
 from lmlab.models.heads import CausalLM
 from lmlab.models.transformer import documents_from_eos
-from lmlab.modules.base import LMModuleBase
-from lmlab.modules.optim import OptimizerConfig, ScheduleConfig
+from lmlab.modules.base import LMModuleBase, StepResult, add_up
+from lmlab.modules.data_contract import PretrainData
+from lmlab.modules.optim import TrainingSettings
 
 LN2 = math.log(2.0)
 
@@ -32,38 +32,29 @@ class PretrainModule(LMModuleBase):
 
     Args:
         config: Backbone shape (see :class:`~lmlab.models.config.TransformerConfig`).
-        optimizer: AdamW settings; weight decay only on matrices.
-        schedule: Learning-rate schedule.
-        gradient_clip_val: Clip the global gradient norm to this (0: off).
-        compile: ``torch.compile`` the backbone.
+        settings: Optimizer, schedule, clipping, compile and peak FLOP/s
+            (see :class:`~lmlab.modules.optim.TrainingSettings`).
         init_from: Start from the weights of a checkpoint or export.
-        peak_flops_per_device: Peak FLOP/s for MFU; default looked up from the
-            device name (none on CPU, so MFU is logged only when this is set).
         flop_convention: How FLOPs are counted for MFU and the FLOP budget
             (see :mod:`lmlab.models.counting`).
     """
 
     stage = "pretrain"
+    data_protocol = PretrainData
 
     def __init__(
         self,
         config: TransformerConfig,
-        optimizer: Optional[OptimizerConfig] = None,
-        schedule: Optional[ScheduleConfig] = None,
-        gradient_clip_val: float = 1.0,
-        compile: bool = False,
+        settings: Optional[TrainingSettings] = None,
         init_from: Optional[str] = None,
-        peak_flops_per_device: Optional[float] = None,
         flop_convention: Literal["6n", "kaplan", "palm"] = "palm",
     ):
         self.flop_convention = flop_convention
-        super().__init__(config, optimizer, schedule, gradient_clip_val, compile, init_from, peak_flops_per_device)
-        self.seq_len: Optional[int] = None
+        super().__init__(config, settings, init_from)
         self.eos_id: Optional[int] = None
         self.register_buffer("token_bytes", torch.zeros(0, dtype=torch.long), persistent=False)
         self._val_sums: dict[int, torch.Tensor] = {}
         self._val_names: list[str] = []
-        self.val_history: list[dict] = []
 
     def build_model(self) -> CausalLM:
         return CausalLM(self.config)
@@ -74,28 +65,17 @@ class PretrainModule(LMModuleBase):
     # -- setup ----------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         super().setup(stage)
-        dm = getattr(self.trainer, "datamodule", None) if self.trainer is not None else None
-        if dm is None:
-            return
-        if dm.vocab_size > self.config.vocab_size:
-            raise ConfigError(
-                "model.config.vocab_size",
-                f"tokenizer has {dm.vocab_size} tokens but the model only {self.config.vocab_size}",
-                f"set model.config.vocab_size >= {dm.vocab_size}",
-            )
-        if dm.seq_len > self.config.max_seq_len:
-            raise ConfigError(
-                "data.seq_len",
-                f"{dm.seq_len} exceeds model.config.max_seq_len={self.config.max_seq_len}",
-                "lower data.seq_len or raise model.config.max_seq_len",
-            )
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        if dm is not None and stage == "fit" and self.trainer.max_steps and self.trainer.max_steps > 0:
+            self._announce(dm)
+
+    def attach_data(self, dm: PretrainData) -> None:
+        super().attach_data(dm)
+        self.check_seq_len(dm.seq_len)
         self.seq_len = dm.seq_len
         self.eos_id = dm.eos_id
-        self.micro_batch_size = dm.micro_batch_size
         self.token_bytes = torch.as_tensor(dm.token_bytes(), dtype=torch.long, device=self.device)
         self._val_names = dm.val_source_names
-        if stage == "fit" and self.trainer.max_steps and self.trainer.max_steps > 0:
-            self._announce(dm)
 
     def _announce(self, dm) -> None:
         steps = self.trainer.max_steps
@@ -123,39 +103,26 @@ class PretrainModule(LMModuleBase):
             return torch.zeros((), device=targets.device)
         return self.token_bytes[targets.clamp(max=self.token_bytes.numel() - 1)].sum()
 
-    def training_step(self, batch: dict, batch_idx: int):
-        tokens = batch["tokens"]
-        micro = getattr(self, "micro_batch_size", None) or tokens.shape[0]
-        chunks = tokens.split(micro)
-        n_total = tokens[:, 1:].numel()
-        loss_sum = torch.zeros((), device=self.device)
-        byte_sum = torch.zeros((), device=self.device)
-        for i, chunk in enumerate(chunks):
-            with self.accumulation_context(last=i == len(chunks) - 1):
-                nll, targets = self._nll(chunk)
-                # each micro-batch weighted by its share of tokens: the sum is the global mean
-                self.manual_backward(nll.sum() / n_total)
-            loss_sum += nll.detach().sum()
-            byte_sum += self._bytes(targets)
-        if not torch.isfinite(loss_sum):
-            raise FloatingPointError(f"non-finite training loss at step {self.global_step}; lower the learning rate")
-        self.optimizer_update()
-        loss = loss_sum / n_total
+    def batch_normaliser(self, batch: dict) -> int:
+        # each micro-batch weighted by its share of target tokens: the sum is the global mean
+        return batch["tokens"][:, 1:].numel()
+
+    def micro_batch_loss(self, micro_batch: dict, normaliser: int):
+        nll, targets = self._nll(micro_batch["tokens"])
+        return nll.sum() / normaliser, {"nll": nll.detach().sum(), "bytes": self._bytes(targets).float()}
+
+    def training_metrics(self, batch: dict, outputs: list, normaliser: int) -> StepResult:
+        sums = add_up(outputs)
+        loss = sums["nll"] / normaliser
         if self.trainer.world_size > 1:
             # every rank holds an equal share of the global batch: the mean of means is the global mean
             loss = self.trainer.strategy.reduce(loss, reduce_op="mean")
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, sync_dist=False)
-        self.log_dict(
-            {
-                "train/ppl": torch.exp(loss.clamp(max=50)),
-                "train/bpb": loss_sum / (LN2 * byte_sum.clamp(min=1)),
-                "train/global_batch": float(tokens.shape[0] * data_parallel_rank_and_size(self.trainer)[1]),
-            },
-            on_step=True,
-            on_epoch=False,
-        )
-        self.log_step_stats(n_total)
-        return {"loss": loss}
+        metrics = {
+            "train/ppl": torch.exp(loss.clamp(max=50)),
+            "train/bpb": sums["nll"] / (LN2 * sums["bytes"].clamp(min=1)),
+            "train/global_batch": float(batch["tokens"].shape[0] * data_parallel_rank_and_size(self.trainer)[1]),
+        }
+        return StepResult(loss, metrics, normaliser)
 
     # -- validation -----------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
@@ -186,9 +153,7 @@ class PretrainModule(LMModuleBase):
             metrics["val/ppl"] = math.exp(min(nll / n, 50))
             metrics["val/bpb"] = nll / (LN2 * max(nbytes, 1.0))
         if metrics:
-            self.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=False)
-            if not self.trainer.sanity_checking:
-                self.val_history.append({"step": int(self.global_step), **metrics})
+            self.record_validation(metrics)
 
     def predict_step(self, batch: torch.Tensor, batch_idx: int, dataloader_idx: int = 0) -> dict:
         """Per-window mean NLL and bits per byte (``lmlab predict`` over the validation windows)."""

@@ -9,8 +9,10 @@ import torch
 from lmlab.errors import ConfigError
 from lmlab.models.config import TransformerConfig
 from lmlab.models.heads import ScalarModel, last_token_index
-from lmlab.modules.optim import OptimizerConfig, ScheduleConfig
-from lmlab.modules.posttrain_base import PostTrainModuleBase, split_batch
+from lmlab.modules.base import StepResult
+from lmlab.modules.data_contract import SequenceData
+from lmlab.modules.optim import TrainingSettings
+from lmlab.modules.posttrain_base import PostTrainModuleBase
 from lmlab.modules.preference_losses import bradley_terry_loss
 
 __all__ = ["RewardModule", "score_sequences"]
@@ -54,27 +56,20 @@ class RewardModule(PostTrainModuleBase):
 
     Args:
         config: Backbone shape; omit to take it from ``init_from``.
-        optimizer: AdamW settings.
-        schedule: Learning-rate schedule.
-        gradient_clip_val: Clip the global gradient norm to this (0: off).
-        compile: ``torch.compile`` the model.
+        settings: Optimizer, schedule, clipping, compile and peak FLOP/s.
         init_from: Pretrained or SFT checkpoint (backbone weights load; fresh head).
-        peak_flops_per_device: Peak FLOP/s for MFU.
         margin: Demand that the chosen reward win by at least this much.
         center_coef: Reward-centering coefficient (0: off).
     """
 
     stage = "reward"
+    data_protocol = SequenceData
 
     def __init__(
         self,
         config: Optional[TransformerConfig] = None,
-        optimizer: Optional[OptimizerConfig] = None,
-        schedule: Optional[ScheduleConfig] = None,
-        gradient_clip_val: float = 1.0,
-        compile: bool = False,
+        settings: Optional[TrainingSettings] = None,
         init_from: Optional[str] = None,
-        peak_flops_per_device: Optional[float] = None,
         margin: float = 0.0,
         center_coef: float = 0.0,
     ):
@@ -82,9 +77,8 @@ class RewardModule(PostTrainModuleBase):
             raise ConfigError("model.center_coef", f"must be >= 0, got {center_coef}", "use 0 to disable or e.g. 0.01")
         self.margin = float(margin)
         self.center_coef = float(center_coef)
-        super().__init__(config, optimizer, schedule, gradient_clip_val, compile, init_from, peak_flops_per_device)
+        super().__init__(config, settings, init_from)
         self._val_scores: list[torch.Tensor] = []
-        self.val_history: list[dict] = []
 
     def build_model(self) -> ScalarModel:
         return ScalarModel(self.config)
@@ -101,29 +95,25 @@ class RewardModule(PostTrainModuleBase):
         margin = self.margin if self.margin else None
         return bradley_terry_loss(r_c, r_r, margin=margin, center_coef=self.center_coef)
 
-    def training_step(self, batch: dict, batch_idx: int):
+    def batch_normaliser(self, batch: dict):
         n_pairs = batch["chosen_input_ids"].shape[0]
         if n_pairs == 0:
             self.skip_batch("empty batch")
             return None
-        chunks = split_batch(batch, self.micro_batch_size or n_pairs)
-        chosen, rejected = [], []
-        for i, chunk in enumerate(chunks):
-            with self.accumulation_context(last=i == len(chunks) - 1):
-                r_c, r_r = self.pair_scores(chunk)
-                loss, _ = self._loss(r_c, r_r)
-                self.check_finite(loss.detach(), "reward-model loss")
-                self.manual_backward(loss * (r_c.shape[0] / n_pairs))
-            chosen.append(r_c.detach())
-            rejected.append(r_r.detach())
-        self.optimizer_update()
-        r_c, r_r = torch.cat(chosen), torch.cat(rejected)
+        return n_pairs
+
+    def micro_batch_loss(self, micro_batch: dict, normaliser: int):
+        r_c, r_r = self.pair_scores(micro_batch)
+        loss, _ = self._loss(r_c, r_r)
+        return loss * (r_c.shape[0] / normaliser), {"chosen": r_c.detach(), "rejected": r_r.detach()}
+
+    def training_metrics(self, batch: dict, outputs: list, normaliser: int) -> StepResult:
+        # the logged loss is that of all pairs together, not a sum of micro-batch shares
+        r_c = torch.cat([o["chosen"] for o in outputs])
+        r_r = torch.cat([o["rejected"] for o in outputs])
         loss, metrics = self._loss(r_c, r_r)
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
-        self.log_dict(self._named("train", metrics), on_step=True, on_epoch=False)
         tokens = int(batch["chosen_attention_mask"].sum() + batch["rejected_attention_mask"].sum())
-        self.log_step_stats(tokens)
-        return {"loss": loss}
+        return StepResult(loss, self._named("train", metrics), tokens)
 
     @staticmethod
     def _named(prefix: str, metrics: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -148,6 +138,4 @@ class RewardModule(PostTrainModuleBase):
             scores = self.trainer.strategy.all_gather(scores).reshape(-1, 2)
         loss, metrics = self._loss(scores[:, 0], scores[:, 1])
         out = {"val/loss": float(loss), **{k: float(v) for k, v in self._named("val", metrics).items()}}
-        self.log_dict(out, on_step=False, on_epoch=True)
-        if not self.trainer.sanity_checking:
-            self.val_history.append({"step": int(self.global_step), **out})
+        self.record_validation(out)

@@ -8,11 +8,11 @@ import torch
 import torch.nn.functional as F
 
 from lmlab.data.chat import IGNORE_INDEX
-from lmlab.models.config import TransformerConfig
 from lmlab.models.counting import flops_per_token
 from lmlab.models.heads import CausalLM
-from lmlab.modules.optim import OptimizerConfig, ScheduleConfig
-from lmlab.modules.posttrain_base import PostTrainModuleBase, split_batch
+from lmlab.modules.base import StepResult, add_up
+from lmlab.modules.data_contract import SequenceData
+from lmlab.modules.posttrain_base import PostTrainModuleBase
 
 __all__ = ["SFTModule", "sft_token_stats"]
 
@@ -51,30 +51,14 @@ class SFTModule(PostTrainModuleBase):
 
     Args:
         config: Backbone shape; omit to take it from ``init_from``.
-        optimizer: AdamW settings.
-        schedule: Learning-rate schedule.
-        gradient_clip_val: Clip the global gradient norm to this (0: off).
-        compile: ``torch.compile`` the model.
+        settings: Optimizer, schedule, clipping, compile and peak FLOP/s.
         init_from: Start from a pretrained (or earlier SFT) checkpoint or export.
-        peak_flops_per_device: Peak FLOP/s for MFU.
     """
 
     stage = "sft"
-
-    def __init__(
-        self,
-        config: Optional[TransformerConfig] = None,
-        optimizer: Optional[OptimizerConfig] = None,
-        schedule: Optional[ScheduleConfig] = None,
-        gradient_clip_val: float = 1.0,
-        compile: bool = False,
-        init_from: Optional[str] = None,
-        peak_flops_per_device: Optional[float] = None,
-    ):
-        super().__init__(config, optimizer, schedule, gradient_clip_val, compile, init_from, peak_flops_per_device)
-        self._val = torch.zeros(3, dtype=torch.float64)
-        self.val_history: list[dict] = []
-        self._seq_len: Optional[int] = None
+    data_protocol = SequenceData
+    #: padded length of the last training batch (for MFU)
+    _seq_len: Optional[int] = None
 
     def build_model(self) -> CausalLM:
         return CausalLM(self.config)
@@ -91,40 +75,32 @@ class SFTModule(PostTrainModuleBase):
         """``(summed NLL, correct, targets)`` of one (micro-)batch."""
         return sft_token_stats(self.forward_logits(batch), batch["labels"], self.config.vocab_size)
 
-    def training_step(self, batch: dict, batch_idx: int):
+    def batch_normaliser(self, batch: dict):
         labels = batch["labels"]
         self._seq_len = int(labels.shape[1])
         n_total = int((labels[:, 1:] != IGNORE_INDEX).sum())
         if n_total == 0:
             self.skip_batch("no response tokens (every label is -100)")
             return None
-        chunks = split_batch(batch, self.micro_batch_size or labels.shape[0])
-        nll_sum = torch.zeros((), device=self.device)
-        correct = torch.zeros((), device=self.device)
-        for i, chunk in enumerate(chunks):
-            with self.accumulation_context(last=i == len(chunks) - 1):
-                nll, hits, _ = self.batch_loss(chunk)
-                self.check_finite(nll.detach(), "SFT loss")
-                # each micro-batch weighted by its share of response tokens: the sum is the batch mean
-                self.manual_backward(nll / n_total)
-            nll_sum += nll.detach()
-            correct += hits
-        self.optimizer_update()
-        loss = nll_sum / n_total
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
-        self.log_dict(
-            {
-                "train/token_accuracy": correct / n_total,
-                "train/tokens": float(n_total),
-                "train/ppl": torch.exp(loss.clamp(max=50)),
-                "train/skipped_batches": float(self.skipped_batches),
-            },
-            on_step=True,
-            on_epoch=False,
-        )
+        return n_total
+
+    def micro_batch_loss(self, micro_batch: dict, normaliser: int):
+        nll, hits, _ = self.batch_loss(micro_batch)
+        # each micro-batch weighted by its share of response tokens: the sum is the batch mean
+        return nll / normaliser, {"nll": nll.detach(), "correct": hits}
+
+    def training_metrics(self, batch: dict, outputs: list, normaliser: int) -> StepResult:
+        sums = add_up(outputs)
+        loss = sums["nll"] / normaliser
+        metrics = {
+            "train/token_accuracy": sums["correct"].float() / normaliser,
+            "train/tokens": float(normaliser),
+            "train/ppl": torch.exp(loss.clamp(max=50)),
+            "train/skipped_batches": float(self.skipped_batches),
+        }
+        labels = batch["labels"]
         n_tokens = int(batch["attention_mask"].sum()) if "attention_mask" in batch else labels.numel()
-        self.log_step_stats(n_tokens)
-        return {"loss": loss}
+        return StepResult(loss, metrics, n_tokens)
 
     # -- validation --------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
@@ -143,6 +119,4 @@ class SFTModule(PostTrainModuleBase):
         if n == 0:
             return
         metrics = {"val/loss": nll / n, "val/token_accuracy": correct / n, "val/ppl": float(torch.exp(torch.tensor(min(nll / n, 50.0))))}
-        self.log_dict(metrics, on_step=False, on_epoch=True)
-        if not self.trainer.sanity_checking:
-            self.val_history.append({"step": int(self.global_step), **metrics})
+        self.record_validation(metrics)

@@ -12,7 +12,7 @@ From a learning-rate x size sweep (``sweeps/lr_sweep.yaml``):
    percentile interval on k and c.
 
 :func:`write_rule_yaml` turns the rule into a config fragment that sets
-``model.init_args.optimizer.lr`` for a chosen N, composable after the base
+``model.init_args.settings.optimizer.lr`` for a chosen N, composable after the base
 config: ``lmlab fit --config experiments/scaling/base.yaml --config
 experiments/scaling/lr_rule.yaml``.
 """
@@ -223,7 +223,7 @@ def write_rule_yaml(rule: LRRule, path: str | Path, n_params: float) -> Path:
     ]
     for note in rule.notes:
         lines.append(f"# note: {note}")
-    body = yaml.safe_dump({"model": {"init_args": {"optimizer": {"lr": float(f"{lr:.4g}")}}}}, sort_keys=False)
+    body = yaml.safe_dump({"model": {"init_args": {"settings": {"optimizer": {"lr": float(f"{lr:.4g}")}}}}}, sort_keys=False)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:

@@ -4,7 +4,7 @@
 
 * N: non-embedding parameters (Kaplan et al.'s N, what ``budget.params``
   targets) and the total, from :func:`lmlab.models.counting.count_params`;
-* D: tokens actually trained on (the module's ``tokens_seen``);
+* D: tokens actually trained on;
 * C: training FLOPs from :func:`lmlab.models.counting.training_flops` (6 N D
   plus the unembedding and attention terms, in the module's FLOP convention),
   also as PF-days, and Kaplan's 6 N D for comparison;
@@ -20,6 +20,12 @@ and writes it to
 * the active W&B run's summary, when a W&B logger is attached;
 * ``$LMLAB_RUN_RESULT`` when set: the record alone as one JSON file, written
   atomically. ``lmlab sweep run`` sets it to read each run's metric back.
+
+The module's numbers come from what it declares
+(:meth:`~lmlab.modules.base.LMModuleBase.run_metadata`: model shape, settings,
+tokens seen, sequence length, FLOP convention, validation history) and the
+DataModule's from its declared protocol
+(:class:`~lmlab.modules.data_contract.PretrainData`).
 
 The final loss is measured at the last step: when the last optimizer step is
 not a validation step, the callback asks Lightning to validate once more
@@ -46,7 +52,10 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from lmlab.errors import ConfigError
 from lmlab.models.counting import count_params, training_flops
+from lmlab.modules.base import LMModuleBase, RunMetadata
+from lmlab.modules.data_contract import PretrainData, StageData, provides
 from lmlab.scaling.plan import pf_days
 
 #: Environment variable naming a file that receives this run's record as one JSON object.
@@ -256,15 +265,16 @@ class RunSummary(pl.Callback):
     # -- the record ------------------------------------------------------------------------
     def build_record(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
         """The summary of the run ``trainer`` just fitted (pure: writes nothing)."""
-        cfg = pl_module.config
-        dm = getattr(trainer, "datamodule", None)
-        seq_len = getattr(pl_module, "seq_len", None) or getattr(dm, "seq_len", None) or cfg.max_seq_len
-        convention = getattr(pl_module, "flop_convention", "palm")
+        meta = self._metadata(pl_module)
+        cfg = meta.model_config
+        dm = trainer.datamodule
+        seq_len = meta.seq_len
+        convention = meta.flop_convention
         counts = count_params(cfg)
-        tokens = int(getattr(pl_module, "tokens_seen", 0))
+        tokens = meta.tokens_seen
         flops = training_flops(cfg, tokens, seq_len, convention)
 
-        history = list(getattr(pl_module, "val_history", []) or [])
+        history = meta.val_history
         final = history[-1] if history else {}
         if not final:
             # modules without a val history: the last logged values
@@ -274,12 +284,12 @@ class RunSummary(pl.Callback):
         losses = [h["val/loss"] for h in history if "val/loss" in h]
         bpbs = [h["val/bpb"] for h in history if "val/bpb" in h]
 
-        opt = getattr(pl_module, "optimizer_config", None)
-        sched = getattr(pl_module, "schedule_config", None)
-        sched_dict = dataclasses.asdict(sched) if sched is not None else {}
-        if sched_dict and sched_dict.get("total_steps") is None and trainer.max_steps and trainer.max_steps > 0:
+        opt = meta.settings.optimizer
+        sched_dict = dataclasses.asdict(meta.settings.schedule)
+        if sched_dict.get("total_steps") is None and trainer.max_steps and trainer.max_steps > 0:
             sched_dict["total_steps"] = int(trainer.max_steps)
-        batch_size = getattr(getattr(dm, "schedule", None), "base", None)
+        batch_size = dm.schedule.base if dm is not None and provides(dm, PretrainData) else None
+        micro_batch_size = dm.micro_batch_size if dm is not None and provides(dm, StageData) else None
 
         wall = time.perf_counter() - self._t0 if self._t0 is not None else None
         names = self._names(trainer)
@@ -302,7 +312,7 @@ class RunSummary(pl.Callback):
             "ppl": final.get("val/ppl"),
             "final_val_step": final.get("step"),
             "steps": int(trainer.global_step),
-            "lr": getattr(opt, "lr", None),
+            "lr": opt.lr,
             "warmup_steps": sched_dict.get("warmup_steps"),
             "schedule": sched_dict.get("name"),
             "batch_size": batch_size,
@@ -323,16 +333,23 @@ class RunSummary(pl.Callback):
             "val_history": history,
             "config": {
                 "model": cfg.to_dict(),
-                "optimizer": dataclasses.asdict(opt) if opt is not None else {},
+                "optimizer": dataclasses.asdict(opt),
                 "schedule": sched_dict,
-                "gradient_clip_val": getattr(pl_module, "gradient_clip_val", None),
-                "data": {"seq_len": seq_len, "batch_size": batch_size, "micro_batch_size": getattr(dm, "micro_batch_size", None)},
+                "gradient_clip_val": meta.settings.gradient_clip_val,
+                "data": {"seq_len": seq_len, "batch_size": batch_size, "micro_batch_size": micro_batch_size},
                 "trainer": {"max_steps": int(trainer.max_steps), "precision": str(trainer.precision), "world_size": int(trainer.world_size)},
             },
             "sweep_params": _sweep_params(),
             "results_file": str(self.results_file),
         }
         return _jsonable(record)
+
+    @staticmethod
+    def _metadata(pl_module: pl.LightningModule) -> RunMetadata:
+        if not isinstance(pl_module, LMModuleBase):
+            raise ConfigError("trainer.callbacks", f"RunSummary records lmlab stages, not {type(pl_module).__name__}",
+                              "use an lmlab module (lmlab.modules) or drop the RunSummary callback")
+        return pl_module.run_metadata()
 
     @staticmethod
     def _names(trainer: pl.Trainer) -> dict[str, Any]:
