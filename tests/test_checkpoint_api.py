@@ -33,7 +33,7 @@ def run_config(root) -> dict:
                            "init_args": {"dirpath": "runs/tiny/checkpoints", "save_last": True}}],
         },
         "model": {"class_path": "lmlab.modules.PretrainModule",
-                  "init_args": {"config": MODEL, "optimizer": {"lr": 3e-3}}},
+                  "init_args": {"config": MODEL, "settings": {"optimizer": {"lr": 3e-3}}}},
         "data": {"class_path": "lmlab.data.PretrainDataModule", "init_args": {
             "tokenizer": ".lmlab_cache/tokenizers/tiny",
             "tokenizer_train": {"vocab_size": 320, "sample_chars": 200000},
