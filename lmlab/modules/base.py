@@ -162,6 +162,12 @@ class LMModuleBase(pl.LightningModule):
 
     # -- checkpoint metadata ---------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # A diverging update can leave NaN weights behind a finite loss; a checkpoint of them
+        # would load but never resume, so the run stops here, before anything is written.
+        if not all(bool(torch.isfinite(p).all()) for p in self.parameters() if p.is_floating_point()):
+            raise FloatingPointError(
+                f"non-finite model weights at step {self.global_step}; no checkpoint written (lower the learning rate)"
+            )
         checkpoint["lmlab"] = {
             "stage": self.stage,
             "model_config": self.config.to_dict(),
