@@ -25,8 +25,6 @@ from typing import Any, Mapping
 from lmlab.data.textread import decode_text
 from lmlab.errors import ConfigError
 
-_REPLACEMENT = "\ufffd"
-_REPLACEMENT_BYTES = _REPLACEMENT.encode("utf-8")
 
 # Horizontal whitespace: everything \s matches except the line breaks.
 _HSPACE = r"[^\S\n\r]"

@@ -32,7 +32,7 @@ import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import Any, Iterator
 
 from lmlab.data.pipeline.config import PrepSource
 from lmlab.data.pipeline.normalize import Normalizer, decode_bytes
