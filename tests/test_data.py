@@ -230,3 +230,91 @@ def test_datamodule_reports_shares_and_val_loaders(corpus, tokenizer_dir, tmp_pa
     assert set(names) == {"web", "books", "code"}
     loaders = dm.val_dataloader()
     assert len(loaders) == 3 and next(iter(loaders[0])).shape[1] == 33
+
+
+# -- no silent data errors: the text field and invalid UTF-8 (shared with `lmlab data prepare`) --
+
+
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_json_source_without_its_text_field_is_a_one_line_error_listing_the_fields(tmp_path):
+    # no `text` key: the first string column (`title`) must not be trained on instead
+    _jsonl(tmp_path / "a.jsonl", [{"title": f"t{i}", "body": f"document {i}", "id": i} for i in range(30)])
+    with pytest.raises(ConfigError) as e:
+        list(iter_documents(SourceConfig("web", path=str(tmp_path / "a.jsonl")), 0))
+    msg = str(e.value)
+    assert e.value.field == "data.sources[0].text_field"
+    assert "'text'" in msg and "body, id, title" in msg and "\n" not in msg
+    with pytest.raises(ConfigError, match=r"text_field: no record of source 'web' has the text field 'content'"):
+        list(iter_documents(SourceConfig("web", path=str(tmp_path / "a.jsonl"), text_field="content")))
+    docs = list(iter_documents(SourceConfig("web", path=str(tmp_path / "a.jsonl"), text_field="body")))
+    assert docs == [f"document {i}" for i in range(30)]
+
+
+def test_records_without_the_text_field_are_counted_and_fail_past_the_fraction(tmp_path, caplog):
+    rows = [{"text": f"document {i}"} for i in range(200)]
+    rows[7] = {"txt": "typo"}
+    _jsonl(tmp_path / "one.jsonl", rows)
+    with caplog.at_level("WARNING", logger="lmlab.data.textread"):
+        docs = list(iter_documents(SourceConfig("web", path=str(tmp_path / "one.jsonl"))))
+    assert len(docs) == 199 and "document 7" not in docs
+    assert any("1 of 200 records" in r.getMessage() and "'web'" in r.getMessage() for r in caplog.records)
+    assert SourceConfig("web").max_missing_text_fraction == 0.01
+    for i in range(0, 200, 20):  # 11 of 200 missing: 5.5% > 1%
+        rows[i] = {"txt": "typo"}
+    _jsonl(tmp_path / "many.jsonl", rows)
+    with pytest.raises(ConfigError) as e:
+        list(iter_documents(SourceConfig("web", path=str(tmp_path / "many.jsonl")), 2))
+    assert e.value.field == "data.sources[2].max_missing_text_fraction"
+    assert "11 of 200 records (5.50%)" in str(e.value)
+    loose = SourceConfig("web", path=str(tmp_path / "many.jsonl"), max_missing_text_fraction=0.1)
+    assert len(list(iter_documents(loose))) == 189
+
+
+def test_invalid_utf8_is_replaced_and_counted_in_fit_sources(tmp_path, caplog):
+    (tmp_path / "j").mkdir()
+    (tmp_path / "j" / "a.jsonl").write_bytes(b'{"text": "caf\xe9 ok"}\n{"text": "clean"}\n{"text": "\xff\xfe end"}\n')
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "a.txt").write_bytes(b"It was \xe9t\xe9 then.\r\nNext line.\n")
+    with caplog.at_level("WARNING", logger="lmlab.data.sources"):
+        docs = list(iter_documents(SourceConfig("web", path=str(tmp_path / "j"))))
+        books = list(iter_documents(SourceConfig("books", path=str(tmp_path / "t"))))
+    assert docs == ["caf\ufffd ok", "clean", "\ufffd\ufffd end"]
+    assert books == ["It was \ufffdt\ufffd then.\nNext line.\n"]
+    msgs = [r.getMessage() for r in caplog.records]
+    assert any("'web'" in m and "3 invalid UTF-8 byte sequences in 2 documents" in m for m in msgs)
+    assert any("'books'" in m and "2 invalid UTF-8 byte sequences in 1 documents" in m for m in msgs)
+
+
+def test_fit_and_prepare_read_the_same_documents_and_fail_the_same_way(tmp_path):
+    from collections import Counter
+
+    from lmlab.data.pipeline.config import PrepSource
+    from lmlab.data.pipeline.normalize import NormalizeConfig, Normalizer
+    from lmlab.data.pipeline.readers import SkipLog, iter_raw_records, record_to_document
+    from lmlab.data.pipeline.selection import check_text_fields
+    from lmlab.data.textread import TextFieldTally
+
+    _jsonl(tmp_path / "a.jsonl", [{"body": f"document {i}", "id": i} for i in range(10)])
+    src = PrepSource("web", path=str(tmp_path / "a.jsonl"))
+    norm = Normalizer(NormalizeConfig(unicode_form=None, collapse_spaces=False, strip_document=False))
+    tally = TextFieldTally()
+    docs = [record_to_document(r, src, norm, None, None, Counter(), tally) for r in iter_raw_records(src, 0, SkipLog())]
+    assert [why for _, why in docs] == ["no_text_field"] * 10
+
+    class _Res:
+        stats = {"json_records": tally.rows, "json_records_without_text": tally.missing,
+                 "fields_of_records_without_text": dict(tally.fields)}
+
+    class _Cfg:
+        sources = [src]
+
+    with pytest.raises(ConfigError) as prep:
+        check_text_fields(_Cfg, {"web": _Res})
+    with pytest.raises(ConfigError) as fit:
+        list(iter_documents(src.source_config(), 0))
+    assert prep.value.field == "sources[0].text_field" and fit.value.field == "data.sources[0].text_field"
+    assert prep.value.problem == fit.value.problem == "no record of source 'web' has the text field 'text' (its records have: body, id)"

@@ -261,7 +261,9 @@ def test_bad_input_is_skipped_and_counted(corpus, tmp_path):
     (bad / "d.jsonl").write_bytes(b"")  # empty file
     (bad / "e.txt").write_bytes(prose(rng).encode() + b"\nIt was \xe9t\xe9 then.\n")  # latin-1 in a text file
     cfg = make_cfg(corpus, sources=("web", "books"), max_line_chars=2000)
-    cfg.sources.append(dataclasses.replace(cfg.sources[0], name="messy", path=str(bad), weight=0.1, filters=[]))
+    # 1 of its 5 JSON records has no text field: allowed here, counted
+    messy = dataclasses.replace(cfg.sources[0], name="messy", path=str(bad), weight=0.1, filters=[], max_missing_text_fraction=0.5)
+    cfg.sources.append(messy)
     res = prepare(cfg, out=tmp_path / "out", progress=False)
     row = res.report["sources"]["messy"]
     sk = row["skipped"]
@@ -275,6 +277,47 @@ def test_bad_input_is_skipped_and_counted(corpus, tmp_path):
     assert len(texts) == 4 and max(len(line) for t in texts for line in t.split("\n")) <= 2000
     assert sum("caf\ufffd \ufffd\ufffd end." in t for t in texts) == 1
     assert sum("It was \ufffdt\ufffd then." in t for t in texts) == 1
+
+
+def test_logged_stage_counts_equal_the_report(baseline, corpus, tmp_path):
+    import re
+
+    lines: list[str] = []
+    shutil.copytree(baseline.out, tmp_path / "out")
+    cfg = make_cfg(corpus)
+    cfg.quality = dataclasses.replace(cfg.quality, keep_fraction=0.9)  # quality drops documents that scoring kept
+    res = prepare(cfg, out=tmp_path / "out", progress=False, log=lines.append)
+    logged = {}
+    for line in lines:
+        m = re.fullmatch(r"(\w+) +(\w+) +([\d,]+) -> +([\d,]+) docs", line)
+        if m:
+            logged[(m[1], m[2])] = (int(m[3].replace(",", "")), int(m[4].replace(",", "")))
+    stages = ("read", "collect", "filter", "quality", "dedup", "decontaminate", "final")
+    assert len(logged) == 3 * (len(stages) - 1)
+    for name, row in res.report["sources"].items():
+        for prev, st in zip(stages, stages[1:]):
+            assert logged[(st, name)] == (row["stages"][prev]["docs"], row["stages"][st]["docs"])
+    web = res.report["sources"]["web"]["stages"]
+    assert web["quality"]["docs"] < web["filter"]["docs"]  # the case the per-stage counts got wrong
+    assert logged[("quality", "web")][1] == web["quality"]["docs"]
+
+
+def test_json_source_without_its_text_field_stops_prepare_in_one_line(corpus, tmp_path, capsys):
+    from lmlab.cli import main
+
+    root, paths = corpus
+    cfg = mixture_config(paths, str(root / "tok"), sources=("web", "books"))
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"code": f"x = {i}", "lang": "py"}) + "\n" for i in range(20)))
+    cfg["sources"].append({"name": "code", "weight": 0.1, "path": str(tmp_path / "c.jsonl"), "kind": "code"})
+    path = tmp_path / "mix.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["data", "prepare", "--config", str(path), "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "lmlab data: error: sources[2].text_field: no record of source 'code' has the text field 'text' "
+        "(its records have: code, lang) (set text_field to the field holding the text)"
+    ]
+    assert not (tmp_path / "o" / "tokens").exists()
 
 
 def test_source_left_empty_is_a_one_line_error(corpus, tmp_path, capsys):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -163,3 +165,68 @@ def test_validate_test_and_predict_verbs_use_the_validation_windows(workdir, tmp
     # the mean of per-window means equals the token-weighted validation loss (all windows have equal length)
     assert float(nll.mean()) == pytest.approx(val["val/loss"], rel=1e-5)
     assert all(torch.isfinite(p["bpb"]).all() for p in flat)
+
+
+class _PoisonWeights(pl.Callback):
+    """Fill one weight with NaN at a given step: a deterministic blow-up.
+
+    ``when="start"``: before the step's forward (the loss turns NaN);
+    ``when="end"``: right after the step's update, as a diverging update does,
+    before a checkpoint due at that step is written.
+    """
+
+    def __init__(self, at_step: int, when: str):
+        self.at_step, self.when = at_step, when
+
+    def _poison(self, trainer, pl_module):
+        if trainer.global_step == self.at_step:
+            with torch.no_grad():
+                next(pl_module.model.parameters()).fill_(float("nan"))
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.when == "start":
+            self._poison(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.when == "end":
+            self._poison(trainer, pl_module)
+
+
+@pytest.mark.parametrize(
+    "when, message",
+    [
+        ("start", "non-finite training loss at step 5; lower the learning rate"),
+        ("end", "non-finite model weights at step 4; no checkpoint written (lower the learning rate)"),
+    ],
+)
+def test_a_nan_stop_leaves_every_checkpoint_loadable_and_resumable(workdir, tmp_path, when, message):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    ckpts = tmp_path / "ckpt"
+    saver = ModelCheckpoint(dirpath=ckpts, every_n_train_steps=2, save_top_k=-1, save_last=True)
+    pl.seed_everything(3)
+    rec = LossRecorder()
+    # the poison runs before the checkpoint callback of the same step
+    poison = _PoisonWeights(at_step=5 if when == "start" else 4, when=when)
+    trainer = make_trainer(tmp_path / "run", 10, [rec, poison, saver], enable_checkpointing=True)
+    with pytest.raises(FloatingPointError) as e:
+        trainer.fit(make_module(), datamodule=make_dm(workdir))
+    assert str(e.value) == message
+    assert sorted(rec.losses) == [0, 1, 2, 3, 4][: 5 if when == "start" else 4]
+    files = sorted(p.name for p in ckpts.glob("*.ckpt"))
+    assert files == (["epoch=0-step=2.ckpt", "epoch=0-step=4.ckpt", "last.ckpt"] if when == "start" else ["epoch=0-step=2.ckpt", "last.ckpt"])
+    assert not [p for p in ckpts.iterdir() if not p.name.endswith(".ckpt")]  # no half-written temp files
+    x = torch.randint(0, 320, (2, 16))
+    for name in files:
+        ck = torch.load(ckpts / name, weights_only=True)
+        assert all(bool(torch.isfinite(v).all()) for v in ck["state_dict"].values() if v.is_floating_point()), name
+        assert bool(torch.isfinite(make_module(init_from=str(ckpts / name)).model.eval()(x)).all())
+    # the last checkpoint resumes to the end with finite losses
+    last_step = torch.load(ckpts / "last.ckpt", weights_only=True)["global_step"]
+    assert last_step == (4 if when == "start" else 2)
+    pl.seed_everything(3)
+    after = LossRecorder()
+    make_trainer(tmp_path / "resumed", 10, [after]).fit(make_module(), datamodule=make_dm(workdir), ckpt_path=str(ckpts / "last.ckpt"))
+    assert sorted(after.losses) == list(range(last_step, 10))
+    assert all(math.isfinite(v) for v in after.losses.values())
+    assert after.losses[last_step] == pytest.approx(rec.losses[last_step], abs=1e-6)  # same state, same step

@@ -7,8 +7,10 @@ documents come from:
   ``name`` its config, ``split``, ``streaming``), read with
   ``datasets.load_dataset``.
 - ``type: files`` — local files: ``path`` is a file, a directory or a glob
-  (txt, json/jsonl, parquet, optionally .gz/.bz2 compressed), read through the
-  matching ``datasets`` builder. Plain-text files are one document each.
+  (txt, json/jsonl, parquet, optionally .gz/.bz2/.xz compressed). Plain-text
+  files are one document each; text and JSON files are read by
+  :mod:`lmlab.data.textread` (the same reading, invalid-UTF-8 and text-field
+  policy as ``lmlab data prepare``), Parquet files through ``datasets``.
 - ``type: stdlib`` — text that ships with every Python installation, so a
   mixture builds offline anywhere: ``path: code`` is the standard library's
   Python source, ``path: docs`` the reference documentation topics from
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import logging
 import os
 import sys
 import sysconfig
@@ -26,7 +29,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Literal, Optional
 
+from lmlab.data.textread import (
+    DEFAULT_MAX_MISSING_TEXT_FRACTION,
+    TextFieldTally,
+    check_text_field,
+    decode_text,
+    open_file,
+    parse_json,
+)
 from lmlab.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 _BUILDERS = {
     ".txt": "text",
@@ -51,8 +64,13 @@ class SourceConfig:
         name_config: Hub dataset config name (``datasets.load_dataset(path, name_config)``).
         split: Dataset split to read.
         streaming: Stream a hub dataset instead of downloading it whole.
-        text_field: Column holding the document text. ``None`` picks ``text``
-            for txt/jsonl and, failing that, the first string column.
+        text_field: Column holding the document text. ``None`` means ``text``
+            for JSON/JSON-lines files (never another column: records without
+            it are skipped and counted) and, for Parquet and hub datasets,
+            ``text`` or else the first string column.
+        max_missing_text_fraction: Share of a JSON source's records that may
+            lack the text field (they are skipped and logged); more is a
+            ConfigError, and so is a field that no record has.
         max_documents: Read at most this many documents (``None``: all).
         max_chars: Truncate each document to this many characters (guards
             against gigantic single-line files).
@@ -68,6 +86,7 @@ class SourceConfig:
     text_field: Optional[str] = None
     max_documents: Optional[int] = None
     max_chars: Optional[int] = 1_000_000
+    max_missing_text_fraction: float = DEFAULT_MAX_MISSING_TEXT_FRACTION
 
     def fingerprint(self) -> str:
         """A string that changes whenever the source's documents may change."""
@@ -160,9 +179,11 @@ def _datasets_documents(src: SourceConfig, idx: int | None) -> Iterator[str]:
                 _field(src, idx, "path"), f"mixes file kinds {sorted(builders)}", "split it into one source per kind"
             )
         builder = builders.pop()
-        kwargs = {"sample_by": "document"} if builder == "text" else {}
+        if builder in ("text", "json"):
+            yield from _file_documents(src, idx, files, builder)
+            return
         try:
-            ds = datasets.load_dataset(builder, data_files=files, split="train", streaming=True, **kwargs)
+            ds = datasets.load_dataset(builder, data_files=files, split="train", streaming=True)
         except Exception as e:  # datasets raises many types for unreadable input
             raise ConfigError(_field(src, idx, "path"), f"cannot read {src.path!r}: {e}".splitlines()[0]) from None
     else:
@@ -188,6 +209,79 @@ def _datasets_documents(src: SourceConfig, idx: int | None) -> Iterator[str]:
         raise
     except Exception as e:
         raise ConfigError(_field(src, idx, "path"), f"cannot read {src.path!r}: {e}".splitlines()[0]) from None
+
+
+def _file_documents(src: SourceConfig, idx: int | None, files: list[str], builder: str) -> Iterator[str]:
+    """Text and JSON files, read as ``lmlab data prepare`` reads them; counts checked when the source ends."""
+    tally = TextFieldTally()
+    replaced = damaged = 0
+
+    def decoded(text: str, n: int) -> str:
+        nonlocal replaced, damaged
+        replaced += n
+        damaged += n > 0
+        return text
+
+    for path in files:
+        try:
+            if builder == "text":
+                with open_file(path) as f:
+                    text, n = decode_text(f.read())
+                # universal newlines, as text-mode reading gives
+                yield decoded(text.replace("\r\n", "\n").replace("\r", "\n"), n)
+                continue
+            for where, row, n in _json_rows(path):
+                if not isinstance(row, dict):
+                    raise ConfigError(_field(src, idx, "path"), f"{where}: a JSON record is not an object")
+                text, _ = tally.text(row, src.text_field)
+                if text is not None:
+                    yield decoded(text, n)
+        except ConfigError:
+            raise
+        except (OSError, EOFError, ValueError) as e:  # unreadable, truncated archive, malformed JSON
+            raise ConfigError(_field(src, idx, "path"), f"cannot read {path}: {e}".splitlines()[0], "fix or remove the file") from None
+    if replaced:
+        log.warning(
+            "source %r: %d invalid UTF-8 byte sequences in %d documents replaced with U+FFFD", src.name, replaced, damaged
+        )
+    check_text_field(
+        _field(src, idx, "text_field"),
+        _field(src, idx, "max_missing_text_fraction"),
+        src.name,
+        src.text_field,
+        tally.rows,
+        tally.missing,
+        tally.fields,
+        src.max_missing_text_fraction,
+    )
+
+
+def _json_rows(path: str) -> Iterator[tuple[str, object, int]]:
+    """``(location, record, replaced byte sequences)`` of a JSON array/object file or a JSON-lines file.
+
+    A malformed line is a ValueError naming the file and line.
+    """
+    with open_file(path) as f:
+        if ".jsonl" not in path.lower():
+            data = f.read()
+            try:
+                obj, n = parse_json(data)
+            except ValueError:
+                lines = data.splitlines()  # a .json file holding JSON lines
+            else:
+                for j, row in enumerate(obj if isinstance(obj, list) else [obj]):
+                    yield f"{path}:{j}", row, n if j == 0 else 0
+                return
+        else:
+            lines = f
+        for j, line in enumerate(lines):
+            if not line.strip():
+                continue
+            try:
+                row, n = parse_json(line)
+            except ValueError:
+                raise ValueError(f"{path}:{j + 1}: malformed JSON line") from None
+            yield f"{path}:{j + 1}", row, n
 
 
 class _StrFeat:

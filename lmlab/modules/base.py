@@ -370,6 +370,12 @@ class LMModuleBase(pl.LightningModule):
         return getattr(datamodule, "tokenizer", None)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # A diverging update can leave NaN weights behind a finite loss; a checkpoint of them
+        # would load but never resume, so the run stops here, before anything is written.
+        if not all(bool(torch.isfinite(p).all()) for p in self.parameters() if p.is_floating_point()):
+            raise FloatingPointError(
+                f"non-finite model weights at step {self.global_step}; no checkpoint written (lower the learning rate)"
+            )
         # The model config and the tokenizer travel inside the file, as plain data, so any copy of it
         # works with eval, export and init_from on its own.
         checkpoint["lmlab"] = {

@@ -33,7 +33,7 @@ from lmlab.scaling.parametric import (  # noqa: F401  (re-exported: approach 3 l
     with_bootstrap,
 )
 from lmlab.scaling.powerlaw import PowerLaw, fit_power_law
-from lmlab.scaling.results import FLOPS_PER_PARAM_TOKEN, ScalingData, budgets_for, require_points
+from lmlab.scaling.results import FLOPS_PER_PARAM_TOKEN, ScalingData, budgets_for, require_distinct, require_points
 
 __all__ = [
     "GRID_4500",
@@ -150,6 +150,10 @@ def fit_approach1(data: ScalingData, *, n_bins: int = 20) -> AllocationFit:
     require_points(len(data), 2, "approach1")
     idx = envelope(data, n_bins)
     c, n, d = data.C[idx], data.N[idx], data.D[idx]
+    # One model size along the frontier would give a = 0 (and b = 1) exactly, a finding of the design, not the data.
+    fix = "add runs at other model sizes (and token counts) around each compute budget"
+    require_distinct(n, 2, "approach1", f"the model sizes of the {idx.size} run(s) on the loss envelope", fix)
+    require_distinct(d, 2, "approach1", f"the token counts of the {idx.size} run(s) on the loss envelope", fix)
     n_law, d_law = _allocation_laws("approach1", c, n, d)
     return AllocationFit(
         method="approach1",

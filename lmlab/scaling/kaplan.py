@@ -21,6 +21,7 @@ can absorb).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -173,7 +174,9 @@ def bootstrap_kaplan(
         ni = rng.choice(n_idx, size=n_idx.size, replace=True)
         di = rng.choice(d_idx, size=d_idx.size, replace=True)
         try:
-            n_law, d_law = _laws(data.N[ni], data.loss[ni], data.D[di], data.loss[di])
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # a two-size resample's warning is about the resample, not the fit
+                n_law, d_law = _laws(data.N[ni], data.loss[ni], data.D[di], data.loss[di])
         except ConfigError:  # a resample with a single distinct size cannot be fitted
             failed += 1
             continue

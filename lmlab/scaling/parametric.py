@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -27,7 +28,7 @@ from lmlab.scaling.bootstrap import BootstrapResult, resample_counts
 from lmlab.scaling.lbfgs import STATUS_NAMES, batched_lbfgs
 from lmlab.scaling.law import ChinchillaLaw
 from lmlab.scaling.objective import HUBER_DELTA, log_predict, objective_and_grad, scalar_objective
-from lmlab.scaling.results import ScalingData, require_points
+from lmlab.scaling.results import ScalingData, require_distinct, require_points
 
 N_PARAMS = 5
 
@@ -164,6 +165,37 @@ def _finish(
     )
 
 
+def check_identifiable(data: ScalingData) -> None:
+    """Refuse data that cannot identify E, A, alpha, B and beta; warn when it fits them exactly.
+
+    The N and D terms are told apart only when log N and log D vary
+    independently: runs at one model size, one token count, or one
+    tokens-per-parameter ratio (D proportional to a power of N) cannot.
+    """
+    n_pairs = int(np.unique(np.stack([data.N, data.D], axis=1), axis=0).shape[0])
+    require_points(n_pairs, 5, "approach3")  # repeated (N, D) runs add no information
+    fix = "add runs that vary model size and token count independently (several sizes per compute budget)"
+    require_distinct(data.N, 2, "approach3", "the model sizes", fix)
+    require_distinct(data.D, 2, "approach3", "the token counts", fix)
+    design = np.stack([np.log(data.N), np.log(data.D)], axis=1)
+    design = design - design.mean(axis=0)
+    sv = np.linalg.svd(design, compute_uv=False)
+    if sv[-1] <= 1e-9 * sv[0]:
+        raise ConfigError(
+            "approach3",
+            "log D is a linear function of log N in every run (one tokens-per-parameter rule), "
+            "so the N and D terms cannot be told apart",
+            fix,
+        )
+    if sv[-1] < 1e-3 * sv[0]:
+        warnings.warn(
+            "approach3: log N and log D are nearly collinear in these runs; alpha and beta are poorly identified",
+            stacklevel=3,
+        )
+    if n_pairs == 5:
+        warnings.warn("approach3: 5 runs for 5 parameters fit exactly; nothing tests the law (add runs)", stacklevel=3)
+
+
 def fit_approach3(
     data: ScalingData,
     *,
@@ -185,6 +217,7 @@ def fit_approach3(
     ``converged`` reports whether the final max-abs gradient is below
     ``converged_gtol``.
     """
+    check_identifiable(data)
     t0 = time.perf_counter()
     logs = _logs(data)
     starts = grid.starts() if isinstance(grid, Approach3Grid) else np.atleast_2d(np.asarray(grid, dtype=float))
@@ -222,6 +255,7 @@ def fit_approach3_scipy_loop(
     converged_gtol: float = 1e-6,
 ) -> Approach3Fit:
     """Reference implementation: one scipy L-BFGS-B run per start, keep the best. Slow; for checking."""
+    check_identifiable(data)
     t0 = time.perf_counter()
     logs = _logs(data)
     starts = grid.starts() if isinstance(grid, Approach3Grid) else np.atleast_2d(np.asarray(grid, dtype=float))

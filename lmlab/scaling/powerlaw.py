@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import warnings
+
 import numpy as np
 
 from lmlab.scaling.results import require_points
@@ -28,10 +30,14 @@ def fit_power_law(x: np.ndarray, y: np.ndarray, weights: np.ndarray | None = Non
     Fitting in log space gives every point equal relative weight, which is what
     a power law spanning decades needs; a linear-space fit would be dominated by
     the largest values.
+
+    Two distinct x values determine the line exactly: nothing is left to test
+    the law against, so ``r2`` is NaN (not a perfect 1.0) and a warning says so.
     """
     x = np.asarray(x, dtype=float)
     y = np.asarray(y, dtype=float)
-    require_points(int(np.unique(x).size), 2, what, "distinct x values")
+    distinct = int(np.unique(x).size)
+    require_points(distinct, 2, what, "distinct x values")
     lx, ly = np.log(x), np.log(y)
     w = np.ones_like(lx) if weights is None else np.asarray(weights, dtype=float)
     sw = np.sqrt(w)
@@ -41,4 +47,11 @@ def fit_power_law(x: np.ndarray, y: np.ndarray, weights: np.ndarray | None = Non
     ybar = np.average(ly, weights=w)
     ss_tot = float(np.sum(w * (ly - ybar) ** 2))
     r2 = 1.0 - float(np.sum(w * (ly - pred) ** 2)) / ss_tot if ss_tot > 0 else 1.0
+    if distinct == 2:
+        r2 = float("nan")
+        warnings.warn(
+            f"{what}: a power law through only 2 distinct points fits them exactly; its R^2 is undefined "
+            "and the exponent is untested (add a third point)",
+            stacklevel=2,
+        )
     return PowerLaw(exponent=float(slope), coef=float(np.exp(intercept)), r2=r2, n_points=int(x.size))

@@ -252,6 +252,15 @@ def require_points(n_points: int, n_params: int, method: str, what: str = "point
         )
 
 
+def require_distinct(values: np.ndarray, need: int, method: str, what: str, fix: str) -> None:
+    """Raise :class:`ConfigError` when ``values`` takes fewer than ``need`` distinct values (a degenerate design)."""
+    distinct = np.unique(np.asarray(values, dtype=float))
+    if distinct.size < need:
+        shown = ", ".join(f"{v:.3g}" for v in distinct[:3])
+        raise ConfigError(method, f"{what} take {distinct.size} distinct value(s) ({shown}), "
+                          f"so the fit cannot identify its parameters", fix)
+
+
 def budgets_for(data: ScalingData, rel_tol: float = 0.1) -> np.ndarray:
     """IsoFLOP budget label per run: the explicit budget column, else near-equal compute values grouped."""
     if data.budget is not None:

@@ -47,6 +47,7 @@ import yaml
 
 from lmlab.data.pipeline.normalize import NormalizeConfig
 from lmlab.data.sources import SourceConfig
+from lmlab.data.textread import DEFAULT_MAX_MISSING_TEXT_FRACTION
 from lmlab.data.tokenizer import TokenizerTrainConfig
 from lmlab.errors import ConfigError
 from lmlab.eval.data import resolve_data_dir
@@ -100,6 +101,7 @@ class PrepSource:
     split_pattern: Optional[str] = None
     extract: Optional[dict] = None
     quality: Optional[bool] = None
+    max_missing_text_fraction: float = DEFAULT_MAX_MISSING_TEXT_FRACTION
 
     def __post_init__(self) -> None:
         if self.kind is None:
@@ -119,6 +121,7 @@ class PrepSource:
             text_field=self.text_field,
             max_documents=self.max_documents,
             max_chars=self.max_chars,
+            max_missing_text_fraction=self.max_missing_text_fraction,
         )
 
 

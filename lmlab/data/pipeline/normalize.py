@@ -22,10 +22,9 @@ import unicodedata
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from lmlab.data.textread import decode_text
 from lmlab.errors import ConfigError
 
-_REPLACEMENT = "\ufffd"
-_REPLACEMENT_BYTES = _REPLACEMENT.encode("utf-8")
 
 # Horizontal whitespace: everything \s matches except the line breaks.
 _HSPACE = r"[^\S\n\r]"
@@ -107,13 +106,9 @@ class NormalizeStats:
 def decode_bytes(data: bytes, encoding: str = "utf-8") -> tuple[str, int]:
     """Decode ``data`` with replacement; return the text and how many sequences were replaced.
 
-    U+FFFD characters already present (validly encoded) in the input are not counted.
+    The one decoding policy of ``fit`` and ``prepare``: :func:`lmlab.data.textread.decode_text`.
     """
-    text = data.decode(encoding, errors="replace")
-    replaced = text.count(_REPLACEMENT)
-    if replaced and encoding.replace("-", "").lower() in ("utf8", "utf8sig"):
-        replaced -= data.count(_REPLACEMENT_BYTES)
-    return text, replaced
+    return decode_text(data, encoding)
 
 
 def strip_gutenberg(text: str) -> tuple[str, bool]:

@@ -97,7 +97,8 @@ def prepare(
         force: Recompute every stage, ignoring caches.
         engine: ``local``, ``datatrove`` or ``slurm`` (default: the config's ``engine.name``).
         progress: Progress bars (None: only on a terminal).
-        log: Receives one line per finished step (default: silent).
+        log: Receives one line per computed step, then the document counts
+            of every stage and source as the report has them (default: silent).
     """
     cfg = config if isinstance(config, PrepareConfig) else load_config(config)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -174,12 +175,14 @@ def _prepare(cfg: PrepareConfig, out_dir: Path, nproc: int, resume: bool, force:
             res = run_stage(store, spec.as_run(), procs or nproc, resume=resume, force=force, progress=progress, executor=executor)
         (computed if res.computed else reused).append(f"{spec.stage}/{spec.src.name}")
         if res.computed:
-            say(f"{spec.stage:<13} {spec.src.name:<12} {res.stats.get('docs_in', 0):>8,} -> {res.stats.get('docs_out', 0):>8,} docs")
+            # no counts here: what survives is decided later, and logged from the report
+            say(f"{spec.stage:<13} {spec.src.name:<12} computed ({res.n_shards} shards)")
         return res
 
-    from lmlab.data.pipeline.selection import check_not_empty, select
+    from lmlab.data.pipeline.selection import check_not_empty, check_text_fields, select
 
     collected = {s.name: run(CollectStage(cfg, s, i)) for i, s in enumerate(cfg.sources)}
+    check_text_fields(cfg, collected)
     check_not_empty(cfg, collected, "reading")
     filtered = {s.name: run(FilterStage(cfg, s, i, upstream=collected[s.name])) for i, s in enumerate(cfg.sources)}
     check_not_empty(cfg, filtered, "filtering")
@@ -222,7 +225,7 @@ def _prepare(cfg: PrepareConfig, out_dir: Path, nproc: int, resume: bool, force:
         tokens_dir, meta, packed = pack(cfg, out_dir, tokenized, selection, tok_path, dtype, force=force)
     (computed if packed else reused).append("pack")
 
-    from lmlab.data.pipeline.report import build_report, write_report
+    from lmlab.data.pipeline.report import build_report, stage_count_lines, write_report
 
     timing = dict(clock.timing)
     timing["total"] = time.perf_counter() - t_start
@@ -235,6 +238,8 @@ def _prepare(cfg: PrepareConfig, out_dir: Path, nproc: int, resume: bool, force:
         meta,
         {"out": str(out_dir), "dedup": global_info["dedup"], "timing": timing, "computed": computed, "reused": reused},
     )
+    for line in stage_count_lines(report):
+        say(line)
     with clock("report"):
         paths = write_report(report, selection, out_dir / "report", cfg.report.histogram_bins, cfg.report.wandb)
     return PrepareResult(out_dir, tokens_dir, tok_path, report, paths, computed, reused)

@@ -10,7 +10,9 @@ Reading is split in two so that the costly part runs in parallel:
 - :func:`record_to_document` (any process) parses, extracts main text,
   truncates, drops gigantic lines and normalises one record, returning the
   document or the reason it was skipped (``malformed_json``,
-  ``no_text_field``, ``extraction_empty``, ``empty``).
+  ``no_text_field``, ``non_string_text``, ``extraction_empty``, ``empty``).
+  Decoding and the text field follow :mod:`lmlab.data.textread`, shared with
+  ``lmlab fit``.
 
 ``files`` sources use these readers for text, JSON and JSON-lines files
 (optionally ``.gz``/``.bz2``/``.xz``); Parquet files, ``hf`` and ``stdlib``
@@ -19,10 +21,8 @@ sources go through :func:`lmlab.data.sources.iter_documents` (``datasets``).
 
 from __future__ import annotations
 
-import bz2
 import dataclasses
 import glob
-import gzip
 import json
 import lzma
 import os
@@ -32,11 +32,12 @@ import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import Any, Iterator
 
 from lmlab.data.pipeline.config import PrepSource
 from lmlab.data.pipeline.normalize import Normalizer, decode_bytes
 from lmlab.data.sources import _builder_for, iter_documents, resolve_files
+from lmlab.data.textread import TextFieldTally, open_file, parse_json
 from lmlab.errors import ConfigError
 
 _READ_ERRORS = (OSError, EOFError, zlib.error, lzma.LZMAError, ValueError, tarfile.TarError)
@@ -57,23 +58,6 @@ class RawRecord:
     origin: str
     size: int
     meta: dict = field(default_factory=dict)
-
-
-def _open(path: str) -> IO[bytes]:
-    low = path.lower()
-    if low.endswith(".gz"):
-        return gzip.open(path, "rb")
-    if low.endswith(".bz2"):
-        return bz2.open(path, "rb")
-    if low.endswith(".xz"):
-        return lzma.open(path, "rb")
-    if low.endswith(".zst"):
-        try:
-            import zstandard
-        except ImportError:
-            raise OSError("reading .zst needs the zstandard package") from None
-        return zstandard.open(path, "rb")
-    return open(path, "rb")
 
 
 def _is_tar(name: str) -> bool:
@@ -132,7 +116,7 @@ def source_files(src: PrepSource, idx: int) -> list[str]:
 def source_fingerprint(src: PrepSource, idx: int) -> dict[str, Any]:
     """Everything that decides a source's records: its settings and its files' sizes and mtimes."""
     d = dataclasses.asdict(src)
-    for k in ("weight", "kind", "filters", "quality"):  # they do not change what is read
+    for k in ("weight", "kind", "filters", "quality", "max_missing_text_fraction"):  # they do not change what is read
         d.pop(k)
     files = source_files(src, idx)
     d["files"] = [[f, os.stat(f).st_size, int(os.stat(f).st_mtime)] for f in files]
@@ -188,7 +172,7 @@ def _records(src: PrepSource, idx: int, skips: SkipLog) -> Iterator[RawRecord]:
 def _file_records(src: PrepSource, idx: int, path: str) -> Iterator[RawRecord]:
     builder = _builder_for(path)
     if builder == "text":
-        with _open(path) as f:
+        with open_file(path) as f:
             data = f.read()
         if src.split_pattern:
             text, replaced = decode_bytes(data)
@@ -205,16 +189,17 @@ def _file_records(src: PrepSource, idx: int, path: str) -> Iterator[RawRecord]:
         if ".jsonl" in low:
             yield from _jsonl_records(path)
             return
-        with _open(path) as f:
+        with open_file(path) as f:
             data = f.read()
         try:
-            obj = json.loads(data)
+            obj, replaced = parse_json(data)
         except ValueError:
             yield from _jsonl_records(path)  # .json files holding JSON lines
             return
         rows = obj if isinstance(obj, list) else [obj]
         for j, row in enumerate(rows):
-            yield RawRecord("json", row, f"{path}:{j}", len(json.dumps(row, ensure_ascii=False).encode()))
+            meta = {"decode_errors": replaced} if (replaced and j == 0) else {}
+            yield RawRecord("json", row, f"{path}:{j}", len(json.dumps(row, ensure_ascii=False).encode()), meta)
     elif builder == "parquet":
         sc = dataclasses.replace(src.source_config(), path=path, max_documents=None, max_chars=None)
         for j, text in enumerate(iter_documents(sc, idx)):
@@ -224,7 +209,7 @@ def _file_records(src: PrepSource, idx: int, path: str) -> Iterator[RawRecord]:
 
 
 def _jsonl_records(path: str) -> Iterator[RawRecord]:
-    with _open(path) as f:
+    with open_file(path) as f:
         for j, line in enumerate(f):
             if line.strip():
                 yield RawRecord("jsonline", line, f"{path}:{j + 1}", len(line))
@@ -247,26 +232,12 @@ def _html_records(path: str) -> Iterator[RawRecord]:
         for name, data in iter_html_tar(path):
             yield RawRecord("html", data, f"{path}:{name}", len(data))
         return
-    with _open(path) as f:
+    with open_file(path) as f:
         data = f.read()
     yield RawRecord("html", data, path, len(data))
 
 
 # -- record -> document -------------------------------------------------------------------
-
-
-def _pick_text(row: dict, text_field: str | None) -> tuple[str | None, str | None]:
-    if text_field:
-        v = row.get(text_field)
-    elif "text" in row:
-        v = row["text"]
-    else:
-        v = next((x for x in row.values() if isinstance(x, str)), None)
-    if v is None:
-        return None, "no_text_field"
-    if not isinstance(v, str):
-        return None, "non_string_text"
-    return v, None
 
 
 _META_KEYS = ("id", "url", "source", "title")
@@ -279,33 +250,32 @@ def record_to_document(
     max_line_chars: int | None,
     extract_opts: dict | None,
     counts: Counter,
+    tally: TextFieldTally | None = None,
 ) -> tuple[dict | None, str | None]:
-    """Turn a raw record into ``{"text", "origin", "meta"}`` (or ``None`` and the skip reason)."""
+    """Turn a raw record into ``{"text", "origin", "meta"}`` (or ``None`` and the skip reason).
+
+    JSON records are counted in ``tally`` (for :func:`lmlab.data.textread.check_text_field`).
+    """
+    tally = tally if tally is not None else TextFieldTally()
     meta = dict(rec.meta)
     text: Any
     if rec.kind == "jsonline":
         try:
-            row = json.loads(rec.payload)
-        except UnicodeDecodeError:
-            # invalid UTF-8 inside an otherwise fine line: keep it, with replacement characters
-            line, replaced = decode_bytes(rec.payload)
-            try:
-                row = json.loads(line)
-            except ValueError:
-                return None, "malformed_json"
-            meta["decode_errors"] = replaced
+            row, replaced = parse_json(rec.payload)  # invalid UTF-8 in a fine line: kept, replaced
         except ValueError:
             return None, "malformed_json"
+        if replaced:
+            meta["decode_errors"] = replaced
         if not isinstance(row, dict):
             return None, "malformed_json"
-        text, why = _pick_text(row, src.text_field)
+        text, why = tally.text(row, src.text_field)
         if why:
             return None, why
         meta.update({k: row[k] for k in _META_KEYS if isinstance(row.get(k), (str, int)) and k != src.text_field})
     elif rec.kind == "json":
         if not isinstance(rec.payload, dict):
             return None, "malformed_json"
-        text, why = _pick_text(rec.payload, src.text_field)
+        text, why = tally.text(rec.payload, src.text_field)
         if why:
             return None, why
         meta.update({k: rec.payload[k] for k in _META_KEYS if isinstance(rec.payload.get(k), (str, int)) and k != src.text_field})

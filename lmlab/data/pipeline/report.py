@@ -100,6 +100,24 @@ def build_report(cfg, collected, filtered, quality, selection, pack_meta, extra:
     }
 
 
+def stage_count_lines(report: dict) -> list[str]:
+    """The log lines of document counts (``quality web 14 -> 13 docs``), read from the report's stages.
+
+    The per-source stages only compute (scores, signatures, hits); which
+    documents survive is decided by the global selection, so the counts are
+    logged from the report and cannot disagree with it.
+    """
+    lines = []
+    for name, row in report["sources"].items():
+        prev = None
+        for st in STAGES:
+            n = row["stages"][st]["docs"]
+            if prev is not None:
+                lines.append(f"{st:<13} {name:<12} {prev:>8,} -> {n:>8,} docs")
+            prev = n
+    return lines
+
+
 def summary_table(report: dict) -> str:
     """Markdown table: documents (and MB) after each stage, tokens and mixture per source."""
     head = "| source | kind | " + " | ".join(STAGES) + " | train tokens | val tokens | target | realised | epochs @ budget |"

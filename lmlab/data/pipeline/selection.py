@@ -227,6 +227,24 @@ def _quality_bytes(q: StageResult) -> np.ndarray:
     return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
 
 
+def check_text_fields(cfg: PrepareConfig, collected: dict[str, StageResult]) -> None:
+    """The text-field policy of :func:`lmlab.data.textread.check_text_field` over each source's JSON records."""
+    from lmlab.data.textread import check_text_field
+
+    for i, s in enumerate(cfg.sources):
+        st = collected[s.name].stats
+        check_text_field(
+            f"sources[{i}].text_field",
+            f"sources[{i}].max_missing_text_fraction",
+            s.name,
+            s.text_field,
+            st.get("json_records", 0),
+            st.get("json_records_without_text", 0),
+            st.get("fields_of_records_without_text", {}),
+            s.max_missing_text_fraction,
+        )
+
+
 def check_not_empty(cfg: PrepareConfig, results: dict[str, StageResult], stage: str) -> None:
     """One-line ConfigError for the first source that an early stage left without documents."""
     for i, s in enumerate(cfg.sources):

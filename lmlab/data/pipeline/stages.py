@@ -49,6 +49,9 @@ from lmlab.data.pipeline.engine import (
 from lmlab.errors import ConfigError
 from lmlab.eval.data import ENV_DATA_DIR
 
+#: Part of the collect key: bump when the reading policy (lmlab.data.textread) changes what is read.
+TEXTREAD_VERSION = "textread-1"
+
 #: Models and indexes built once per process and shared by the stages that need them.
 _MEMO: dict[tuple[str, str], Any] = {}
 
@@ -122,6 +125,7 @@ class CollectStage(StageSpec):
         return stable_hash(
             "collect",
             ENGINE_VERSION,
+            TEXTREAD_VERSION,
             source_fingerprint(self.src, self.idx),
             dataclasses.asdict(self.cfg.normalize),
             self.cfg.max_line_chars,
@@ -154,15 +158,17 @@ class CollectStage(StageSpec):
 
     def process(self, ctx: Any, task: ShardTask) -> dict:
         from lmlab.data.pipeline.readers import record_to_document
+        from lmlab.data.textread import TextFieldTally
 
         normalizer, opts = ctx
+        tally = TextFieldTally()
         records, reader_skips, examples = task.payload
         skipped: Counter = Counter(reader_skips)
         counts: Counter = Counter()
         docs = []
         base = task.index * self.cfg.shard_docs
         for j, rec in enumerate(records):
-            doc, why = record_to_document(rec, self.src, normalizer, self.cfg.max_line_chars, opts, counts)
+            doc, why = record_to_document(rec, self.src, normalizer, self.cfg.max_line_chars, opts, counts, tally)
             if doc is None:
                 skipped[why] += 1
                 continue
@@ -178,6 +184,10 @@ class CollectStage(StageSpec):
                 "skipped": dict(skipped),
                 "counts": dict(counts),
                 "examples": list(examples),
+                # for check_text_field once all shards are in
+                "json_records": tally.rows,
+                "json_records_without_text": tally.missing,
+                "fields_of_records_without_text": dict(tally.fields),
             },
         )
 
