@@ -195,7 +195,8 @@ class _PoisonWeights(pl.Callback):
 @pytest.mark.parametrize(
     "when, message",
     [
-        ("start", "non-finite training loss at step 5; lower the learning rate"),
+        ("start", "pretrain: non-finite loss at step 5; training stopped before the optimizer step, so no checkpoint "
+                  "holds corrupt weights (lower the learning rate or check the data)"),
         ("end", "non-finite model weights at step 4; no checkpoint written (lower the learning rate)"),
     ],
 )
