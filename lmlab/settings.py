@@ -87,11 +87,26 @@ def _prepare(cls: type, data: Any, where: str) -> dict:
         if value is None:
             out.pop(key)
         elif isinstance(value, Mapping):
+            # read the section on its own first: a mistake inside it is then named by its own key
+            # (jsonargparse names only the section when the field is Optional[dataclass])
+            read_settings(sub, value, _join(where, key))
             out[key] = _prepare(sub, value, _join(where, key))
         elif not isinstance(value, sub):
             raise ConfigError(_join(where, key), f"expected a mapping, got {type(value).__name__}",
                               f"write {_join(where, key)} as key: value pairs")
     return out
+
+
+def _expected_type(cls: type, key: str) -> str:
+    """The annotation of dotted ``key`` in dataclass ``cls``, as written in the source."""
+    parts = key.split(".")
+    for part in parts[:-1]:
+        cls = _dataclass_fields(cls).get(part) or cls
+    for f in dataclasses.fields(cls):
+        if f.name == parts[-1]:
+            hint = typing.get_type_hints(cls).get(f.name, f.type)
+            return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+    return "the documented type"
 
 
 def _one_line(err: ConfigError, cls: type, where: str) -> ConfigError:
@@ -104,12 +119,17 @@ def _one_line(err: ConfigError, cls: type, where: str) -> ConfigError:
         parts = key.split(".")
         for part in parts[:-1]:
             parent = _dataclass_fields(parent).get(part) or parent
-        known = sorted(f.name for f in dataclasses.fields(parent))
+        known = sorted(f.name for f in dataclasses.fields(parent) if f.init)
         near = difflib.get_close_matches(parts[-1], known, n=1, cutoff=0.6)
         fix = f"did you mean {near[0]}?" if near else f"known keys: {', '.join(known)}"
         return ConfigError(field, "unknown key", fix)
     if err.problem.startswith("required"):
         return ConfigError(field, "is required", f"add {key} to the file")
+    if "string or stream input is required" in err.problem:
+        # jsonargparse's wording for a string where a number or boolean is expected
+        expected = _expected_type(cls, key)
+        return ConfigError(field, f"expected {expected}", f"give {field} a value of type {expected}")
+    fix = fix.replace(f"--{key} ", f"{field} ")
     if "settings --help" in fix or "settings help" in fix:
         fix = "see the documented keys of this section"
     return ConfigError(field, err.problem, fix.replace("--", ""))
@@ -141,4 +161,4 @@ def read_settings(cls: type[T], data: Any, where: str = "") -> T:
                 message = plain_error.message
         raise _one_line(condense(message, parser, "settings"), cls, where) from None
     kwargs = parser.instantiate(cfg)
-    return plain(cls(**{f.name: kwargs[f.name] for f in dataclasses.fields(cls) if f.name in kwargs}))
+    return plain(cls(**{f.name: kwargs[f.name] for f in dataclasses.fields(cls) if f.init and f.name in kwargs}))

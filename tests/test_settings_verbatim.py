@@ -112,3 +112,63 @@ def test_prepare_mistakes_are_one_line(tmp_path, change, field, fix):
         load_config(p)
     assert e.value.field == field and fix in (e.value.fix or "")
     assert "\n" not in str(e.value)
+
+
+def test_task_yaml_keeps_regexes_quotes_and_templates(tmp_path):
+    from lmlab.eval.spec import load_spec_file
+
+    text = r'''
+name: toy_gen
+type: generation
+data: {path: "'quoted'.jsonl", fields: {query: "{question}\n#", note: "# kept"}}
+description: "'{subject}' questions\n\n"
+doc_to_text: "Question: {query}\nAnswer:"
+doc_to_target: "{answer}"
+target_delimiter: "#"
+answer: answer
+generation: {stop: ["\n#", "null", "Question:"]}
+filters:
+  - {name: strict-match, regex: "#### (\\-?[0-9\\.\\,]+)", fallback: "null"}
+  - {name: flexible-extract, regex: "(-?[$0-9.,]{2,})|(-?[0-9]+)", group_select: -1}
+exact_match: {regexes_to_ignore: [",", "\\$", "(?s).*#### "]}
+'''
+    path = tmp_path / "toy_gen.yaml"
+    path.write_text(text, encoding="utf-8")
+    spec = load_spec_file(path)
+    assert spec.filters[0].regex == "#### (\\-?[0-9\\.\\,]+)" and spec.filters[0].fallback == "null"
+    assert spec.filters[1].regex == "(-?[$0-9.,]{2,})|(-?[0-9]+)" and spec.filters[1].group_select == -1
+    assert spec.exact_match.regexes_to_ignore == (",", "\\$", "(?s).*#### ")
+    assert spec.generation.stop == ("\n#", "null", "Question:")
+    assert spec.data.path == "'quoted'.jsonl" and spec.data.fields == {"query": "{question}\n#", "note": "# kept"}
+    assert spec.description == "'{subject}' questions\n\n" and spec.doc_to_text == "Question: {query}\nAnswer:"
+    assert spec.target_delimiter == "#" and spec.origin == str(path)
+
+
+def test_builtin_gsm8k_regex_is_read_verbatim():
+    from lmlab.eval.tasks import load_spec
+
+    spec = load_spec("gsm8k")
+    assert [f.regex for f in spec.filters] == ["#### (\\-?[0-9\\.\\,]+)", "(-?[$0-9.,]{2,})|(-?[0-9]+)"]
+    assert "(?s).*#### " in spec.exact_match.regexes_to_ignore
+
+
+@pytest.mark.parametrize(
+    "change, field, fix",
+    [
+        ({"fewshot": {"nmu": 2}}, "toy.fewshot.nmu", "did you mean num?"),
+        ({"fewshot": {"num": "five"}}, "toy.fewshot.num", "int"),
+        ({"data": {"path": 5}}, "toy.data.path", "str"),
+        ({"data": {"path": "x.jsonl", "hf": {"path": "a/b", "colour": 1}}}, "toy.data.hf.colour", "known keys"),
+        ({"exact_match": {"ignore_case": "yes"}}, "toy.exact_match.ignore_case", "bool"),
+        ({"doc_to_text": ["a"]}, "toy.doc_to_text", "str"),
+    ],
+)
+def test_task_type_mistakes_are_one_line(change, field, fix):
+    from lmlab.eval.spec import parse_spec
+
+    spec = {"name": "toy", "type": "multiple_choice", "data": {"path": "toy.jsonl"}, "doc_to_text": "{query}",
+            "doc_to_choice": "choices", "answer": "gold", **change}
+    with pytest.raises(ConfigError) as e:
+        parse_spec(spec)
+    assert e.value.field == field and fix in (e.value.fix or "")
+    assert "\n" not in str(e.value)
