@@ -160,5 +160,10 @@ def read_settings(cls: type[T], data: Any, where: str = "") -> T:
             except _UsageError as plain_error:
                 message = plain_error.message
         raise _one_line(condense(message, parser, "settings"), cls, where) from None
-    kwargs = parser.instantiate(cfg)
-    return plain(cls(**{f.name: kwargs[f.name] for f in dataclasses.fields(cls) if f.init and f.name in kwargs}))
+    try:
+        kwargs = parser.instantiate(cfg)
+        return plain(cls(**{f.name: kwargs[f.name] for f in dataclasses.fields(cls) if f.init and f.name in kwargs}))
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:  # a check of the dataclass itself that does not name its key
+        raise ConfigError(where or "config", str(e).splitlines()[0], "check the values against the documentation") from None
