@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import typing
 from collections.abc import Mapping
 from typing import Any, TypeVar
@@ -135,6 +136,16 @@ def _one_line(err: ConfigError, cls: type, where: str) -> ConfigError:
     return ConfigError(field, err.problem, fix.replace("--", ""))
 
 
+@functools.lru_cache(maxsize=None)
+def _parser(cls: type) -> Any:
+    """The verbs' parser of ``cls``'s fields (built once per class; parsing leaves it unchanged)."""
+    from lmlab.verbs import _parser_class
+
+    parser = _parser_class()(exit_on_error=False, env_prefix=False, default_env=False)
+    parser.add_class_arguments(cls, sub_configs=True, fail_untyped=True)
+    return parser
+
+
 def read_settings(cls: type[T], data: Any, where: str = "") -> T:
     """``cls`` (a dataclass) built from ``data`` (a mapping loaded from YAML) through jsonargparse.
 
@@ -144,11 +155,11 @@ def read_settings(cls: type[T], data: Any, where: str = "") -> T:
     """
     if isinstance(data, cls):
         return data
-    from lmlab.verbs import _parser_class, _UsageError, condense
+
+    from lmlab.verbs import _UsageError, condense
 
     data = _prepare(cls, {} if data is None else data, where)
-    parser = _parser_class()(exit_on_error=False, env_prefix=False, default_env=False)
-    parser.add_class_arguments(cls, sub_configs=True, fail_untyped=True)
+    parser = _parser(cls)
     try:
         cfg = parser.parse_object(_wrap(data))
     except _UsageError as e:
