@@ -141,7 +141,7 @@ def test_a_copied_checkpoint_works_with_eval_export_and_init_from_without_tokeni
 def test_every_kind_of_path_opens_alike(run, tmp_path):
     from safetensors.torch import save_file
 
-    from lmlab.export import export_hf, export_lmlab
+    from lmlab.models.export import export_hf, export_lmlab
 
     ck = open_checkpoint(run["ckpt"])
     ref = ck.causal_lm()

@@ -74,3 +74,22 @@ def test_prepare_scores_quality_with_the_checkpoint(setup, tmp_path):
     assert 100 < lo < hi < 1000  # token perplexities of the random model, not the bigram model's ~30
     web = res.report["sources"]["web"]["stages"]
     assert web["quality"]["docs"] == round(0.5 * web["filter"]["docs"])
+
+
+def test_reference_tokenizer_defaults_to_the_one_the_checkpoint_carries(setup, tmp_path):
+    from lmlab.models.checkpoint import tokenizer_record
+
+    root, _, tok, model, _ = setup
+    carried = tmp_path / "carried.ckpt"
+    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+                "lmlab": {"model_config": model.config.to_dict(), **tokenizer_record(tok)}}, carried)
+    text = "The quiet river watched the narrow bridge near the old castle, and the baker gathered every candle."
+    given = CheckpointPerplexity(carried, str(root / "tok"), max_tokens=40)
+    default = CheckpointPerplexity(carried, max_tokens=40)
+    assert default(text) == pytest.approx(given(text), rel=1e-6)
+    assert 150 < default(text) < 700
+    cfg = PrepareConfig(**mixture_config(
+        setup[1], str(root / "tok"), sources=("web", "books"), decontaminate={"enabled": False},
+        quality={"keep_fraction": 0.5, "apply_to": ["web"], "reference_model": str(carried)},
+    ))
+    assert cfg.quality.reference_model == str(carried) and cfg.quality.reference_tokenizer is None

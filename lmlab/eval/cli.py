@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from lmlab.errors import ConfigError
-from lmlab.export import Dtype, parse_dtype
+from lmlab.models.export import Dtype, parse_dtype
 
 PROG = "lmlab eval"
 COMPARE_MODULE = "lmlab.eval.compare_cli"

@@ -1,10 +1,13 @@
-"""Task specifications: one YAML file per task, parsed and checked here.
+"""Task specifications: one YAML file per task, read into :class:`TaskSpec` and checked here.
 
 A spec says where the data is, how a row becomes a prompt, which field holds
-the answer, how few-shot examples are drawn and which metrics to report. Every
+the answer, how few-shot examples are drawn and which metrics to report. The
+dataclasses below are the schema: jsonargparse reads the YAML into them
+(:func:`lmlab.settings.read_settings`: unknown keys, types, strings kept
+verbatim), then :func:`parse_spec` checks what types cannot say. Every
 mistake is a :class:`lmlab.errors.ConfigError` naming the key and the fix, so a
-bad YAML fails before any model work starts. The keys (see the YAMLs in
-``lmlab/eval/tasks/`` for worked examples)::
+bad YAML fails before any model work starts; ``null`` means a key's default.
+The keys (see the YAMLs in ``lmlab/eval/tasks/`` for worked examples)::
 
     name: arc_easy                 # default: the file name
     type: multiple_choice          # multiple_choice | cloze | generation | code
@@ -36,16 +39,18 @@ bad YAML fails before any model work starts. The keys (see the YAMLs in
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional, Union
 
 import yaml
 
 from lmlab.errors import ConfigError
 from lmlab.eval.templates import check_template
 from lmlab.eval.transforms import TRANSFORMS
+from lmlab.settings import read_settings
 
 TYPE_METRICS: dict[str, dict[str, Any]] = {
     # allowed metrics and the defaults used when `metrics` is omitted
@@ -58,44 +63,36 @@ DATA_FORMATS = ("jsonl", "jsonl.gz", "json", "csv", "mmlu_tar")
 SAMPLERS = ("random", "first_n")
 FILTER_FUNCTIONS = ("regex", "boxed", "none")
 _PASS_AT_K = re.compile(r"^pass@([1-9][0-9]*)$")
-
-_TOP_KEYS = {
-    "name", "type", "data", "description", "doc_to_text", "doc_to_choice", "doc_to_contexts",
-    "doc_to_target", "answer", "answer_labels", "target_delimiter", "fewshot_delimiter",
-    "fewshot", "generation", "filters", "exact_match", "code", "metrics", "subtask_field",
-}
-_DATA_KEYS = {"path", "format", "split", "fields", "transform", "hf"}
-_HF_KEYS = {"path", "name", "split", "fewshot_split", "fields", "transform", "revision"}
-_FEWSHOT_KEYS = {"num", "split", "path", "sampler", "group_by", "seed"}
-_GEN_KEYS = {"max_new_tokens", "stop"}
-_FILTER_KEYS = {"name", "function", "regex", "group_select", "fallback"}
-_EM_KEYS = {"ignore_case", "ignore_punctuation", "regexes_to_ignore"}
-_CODE_KEYS = {"program", "timeout_s", "memory_mb", "num_samples", "workers"}
+#: keys whose value may be one string instead of a list of them
+_LIST_KEYS = {("metrics",), ("generation", "stop"), ("exact_match", "regexes_to_ignore")}
 
 
 @dataclass(frozen=True)
 class HubSource:
-    """Where to fetch the data with ``datasets.load_dataset`` when no local file exists."""
+    """Where to fetch the data with ``datasets.load_dataset`` when no local file exists.
 
-    path: str
-    name: str | None = None
+    ``transform`` defaults to ``data.transform``.
+    """
+
+    path: str = ""  # required; empty until read
+    name: Optional[str] = None
     split: str = "test"
-    fewshot_split: str | None = None
-    fields: dict[str, Any] | None = None
-    transform: str | None = None
-    revision: str | None = None
+    fewshot_split: Optional[str] = None
+    fields: Optional[dict[str, Any]] = None
+    transform: Optional[str] = None
+    revision: Optional[str] = None
 
 
 @dataclass(frozen=True)
 class DataSpec:
     """The local data file and how its rows map onto the fields the templates use."""
 
-    path: str | None = None
-    format: str | None = None
-    split: str | None = None
+    path: Optional[str] = None
+    format: Optional[str] = None
+    split: Optional[str] = None
     fields: dict[str, Any] = field(default_factory=dict)
-    transform: str | None = None
-    hf: HubSource | None = None
+    transform: Optional[str] = None
+    hf: Optional[HubSource] = None
 
 
 @dataclass(frozen=True)
@@ -103,11 +100,11 @@ class FewshotSpec:
     """How many few-shot examples, from where, chosen how."""
 
     num: int = 0
-    split: str | None = None  # another split of the same source (MMLU: dev)
-    path: str | None = None  # a separate file (relative to data_dir)
+    split: Optional[str] = None  # another split of the same source (MMLU: dev)
+    path: Optional[str] = None  # a separate file (relative to data_dir)
     sampler: str = "random"
-    group_by: str | None = None  # only examples sharing this field's value (MMLU: subject)
-    seed: int | None = None  # default: the harness seed
+    group_by: Optional[str] = None  # only examples sharing this field's value (MMLU: subject)
+    seed: Optional[int] = None  # default: the harness seed
 
 
 @dataclass(frozen=True)
@@ -122,9 +119,9 @@ class GenerationSpec:
 class FilterSpec:
     """An answer-extraction step applied to a generation before exact match."""
 
-    name: str
+    name: str = ""  # required in a task YAML
     function: str = "regex"
-    regex: str | None = None
+    regex: Optional[str] = None
     group_select: int = 0
     fallback: str = "[invalid]"
 
@@ -142,26 +139,30 @@ class ExactMatchSpec:
 class CodeSpec:
     """How a completion becomes a test program and how it is run."""
 
-    program: str
+    program: str = ""  # required; a template with {completion}
     timeout_s: float = 3.0
     memory_mb: int = 1024
     num_samples: int = 1
-    workers: int | None = None
+    workers: Optional[int] = None
 
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """A parsed, validated task YAML."""
+    """A task YAML: the schema jsonargparse reads, and after :func:`parse_spec` a validated task.
+
+    ``type`` and ``answer`` are required (empty until read); ``metrics``
+    defaults per type; ``filters`` apply to type generation only.
+    """
 
     name: str
-    type: str
-    data: DataSpec
-    answer: str
-    doc_to_text: str | None = None
-    doc_to_choice: str | tuple[str, ...] | None = None
-    doc_to_contexts: str | None = None
-    doc_to_target: str | None = None
-    answer_labels: str | tuple[str, ...] | None = None
+    type: str = ""
+    data: DataSpec = field(default_factory=DataSpec)
+    answer: str = ""
+    doc_to_text: Optional[str] = None
+    doc_to_choice: Union[str, tuple[str, ...], None] = None
+    doc_to_contexts: Optional[str] = None
+    doc_to_target: Optional[str] = None
+    answer_labels: Union[str, tuple[Union[str, int], ...], None] = None
     description: str = ""
     target_delimiter: str = " "
     fewshot_delimiter: str = "\n\n"
@@ -169,10 +170,10 @@ class TaskSpec:
     generation: GenerationSpec = field(default_factory=GenerationSpec)
     filters: tuple[FilterSpec, ...] = ()
     exact_match: ExactMatchSpec = field(default_factory=ExactMatchSpec)
-    code: CodeSpec | None = None
+    code: Optional[CodeSpec] = None
     metrics: tuple[str, ...] = ()
-    subtask_field: str | None = None
-    origin: str = "<dict>"
+    subtask_field: Optional[str] = None
+    origin: str = field(default="<dict>", init=False)  # the file it was read from; not a YAML key
 
     @property
     def pass_at_ks(self) -> tuple[int, ...]:
@@ -194,56 +195,45 @@ def load_spec_file(path: str | Path) -> TaskSpec:
 
 
 def parse_spec(raw: Any, default_name: str = "task", origin: str = "<dict>") -> TaskSpec:
-    """Validate a task mapping (as loaded from YAML) and build a :class:`TaskSpec`."""
+    """Read a task mapping (as loaded from YAML) into a validated :class:`TaskSpec`."""
     if not isinstance(raw, dict):
         raise ConfigError(origin, "a task spec must be a YAML mapping", "see lmlab/eval/tasks/*.yaml")
+    raw = _without_nulls(raw)
     name = raw.get("name", default_name)
     if not isinstance(name, str) or not name:
         raise ConfigError(f"{origin}.name", "must be a non-empty string", "e.g. name: arc_easy")
     p = name  # prefix for field names in errors
-    _no_unknown(raw, _TOP_KEYS, p)
-
-    task_type = raw.get("type")
-    if task_type not in TYPE_METRICS:
+    raw = _as_lists({**raw, "name": name})
+    filters = raw.pop("filters", None)
+    spec = read_settings(TaskSpec, raw, p)
+    if spec.type not in TYPE_METRICS:
         raise ConfigError(
-            f"{p}.type", f"unknown task type {task_type!r}", f"use one of: {', '.join(TYPE_METRICS)}"
+            f"{p}.type", f"unknown task type {spec.type or None!r}", f"use one of: {', '.join(TYPE_METRICS)}"
         )
-
-    answer = raw.get("answer")
-    if not isinstance(answer, str) or not answer:
+    if not spec.answer:
         hint = {
             "multiple_choice": "the field with the gold choice index or label, e.g. answer: gold",
             "cloze": "the field with the word to predict, e.g. answer: continuation",
             "generation": "the field with the reference answer, e.g. answer: answer",
             "code": "the field with the unit tests, e.g. answer: test",
-        }[task_type]
-        raise ConfigError(f"{p}.answer", f"is required for type {task_type}", f"name {hint}")
-
-    data = _parse_data(raw.get("data"), p)
-    metrics = _parse_metrics(raw.get("metrics"), task_type, p)
-
-    spec = TaskSpec(
-        name=name,
-        type=task_type,
-        data=data,
-        answer=answer,
-        doc_to_text=_opt_template(raw, "doc_to_text", p),
-        doc_to_choice=_parse_choice(raw.get("doc_to_choice"), p),
-        doc_to_contexts=_opt_str(raw, "doc_to_contexts", p),
-        doc_to_target=_opt_template(raw, "doc_to_target", p),
-        answer_labels=_parse_labels(raw.get("answer_labels"), p),
-        description=_opt_template(raw, "description", p) or "",
-        target_delimiter=_str_or(raw, "target_delimiter", " ", p),
-        fewshot_delimiter=_str_or(raw, "fewshot_delimiter", "\n\n", p),
-        fewshot=_parse_fewshot(raw.get("fewshot"), p),
-        generation=_parse_generation(raw.get("generation"), p),
-        filters=_parse_filters(raw.get("filters"), p),
-        exact_match=_parse_exact_match(raw.get("exact_match"), p),
-        code=_parse_code(raw.get("code"), p),
-        metrics=metrics,
-        subtask_field=_opt_str(raw, "subtask_field", p),
-        origin=origin,
+        }[spec.type]
+        raise ConfigError(f"{p}.answer", f"is required for type {spec.type}", f"name {hint}")
+    for key in ("doc_to_text", "doc_to_target", "description"):
+        _check_template(getattr(spec, key), f"{p}.{key}")
+    spec = dataclasses.replace(
+        spec,
+        data=_check_data(spec.data, p),
+        doc_to_choice=_check_choice(spec.doc_to_choice, p),
+        answer_labels=spec.answer_labels if spec.answer_labels is None or isinstance(spec.answer_labels, str)
+        else tuple(str(v) for v in spec.answer_labels),
+        filters=_read_filters(filters, p),
+        metrics=_check_metrics(spec.metrics, "metrics" in raw, spec.type, p),
     )
+    _check_fewshot(spec.fewshot, p)
+    _check_generation(spec.generation, p)
+    _check_exact_match(spec.exact_match, p)
+    _check_code(spec.code, p)
+    object.__setattr__(spec, "origin", origin)
     _check_type_requirements(spec)
     return spec
 
@@ -286,134 +276,95 @@ def _check_type_requirements(spec: TaskSpec) -> None:
         raise ConfigError(f"{p}.filters", "only apply to type generation", "remove them")
 
 
-# --- small parsers -----------------------------------------------------------------------------
+# --- checks types cannot express ----------------------------------------------------------------
 
 
-def _no_unknown(raw: dict, allowed: set[str], prefix: str) -> None:
-    unknown = sorted(set(raw) - allowed)
-    if unknown:
-        raise ConfigError(
-            f"{prefix}.{unknown[0]}", "unknown key", f"valid keys here: {', '.join(sorted(allowed))}"
-        )
-
-
-def _mapping(value: Any, prefix: str, allowed: set[str]) -> dict:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise ConfigError(prefix, "must be a mapping", f"keys: {', '.join(sorted(allowed))}")
-    _no_unknown(value, allowed, prefix)
+def _without_nulls(value: Any) -> Any:
+    """``null`` means a key's default everywhere in a task YAML: drop those keys before reading."""
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value]
     return value
 
 
-def _opt_str(raw: dict, key: str, prefix: str) -> str | None:
-    value = raw.get(key)
-    if value is not None and not isinstance(value, str):
-        raise ConfigError(f"{prefix}.{key}", f"must be a string, got {type(value).__name__}", None)
-    return value
+def _as_lists(raw: dict) -> dict:
+    """``metrics: acc`` as ``metrics: [acc]`` (and likewise ``stop``, ``regexes_to_ignore``)."""
+    raw = dict(raw)
+    for path in _LIST_KEYS:
+        holder = raw
+        for key in path[:-1]:
+            if not isinstance(holder.get(key), dict):
+                break
+            holder[key] = holder = dict(holder[key])
+        else:
+            if isinstance(holder.get(path[-1]), str):
+                holder[path[-1]] = [holder[path[-1]]]
+    return raw
 
 
-def _str_or(raw: dict, key: str, default: str, prefix: str) -> str:
-    value = _opt_str(raw, key, prefix)
-    return default if value is None else value
-
-
-def _opt_template(raw: dict, key: str, prefix: str) -> str | None:
-    value = _opt_str(raw, key, prefix)
+def _check_template(value: Optional[str], key: str) -> None:
     if value is not None:
         try:
             check_template(value)
         except ValueError as e:
-            raise ConfigError(f"{prefix}.{key}", f"bad template: {e}", "write literal braces as {{ and }}") from None
-    return value
+            raise ConfigError(key, f"bad template: {e}", "write literal braces as {{ and }}") from None
 
 
-def _int(value: Any, key: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(key, f"must be an integer >= {minimum}, got {value!r}", None)
-    return value
+def _check_regex(value: str, key: str) -> None:
+    try:
+        re.compile(value)
+    except re.error as e:
+        raise ConfigError(key, f"invalid regular expression {value!r}: {e}", "fix the pattern (escape literal characters with \\)") from None
 
 
-def _bool(value: Any, key: str) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(key, f"must be true or false, got {value!r}", None)
-    return value
+def _at_least(value: int, key: str, minimum: int, example: Any) -> None:
+    if value < minimum:
+        raise ConfigError(key, f"must be an integer >= {minimum}, got {value!r}", f"use e.g. {example}")
 
 
-def _str_list(value: Any, key: str) -> tuple[str, ...]:
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ConfigError(key, "must be a list of strings", None)
-    return tuple(value)
-
-
-def _parse_fields(value: Any, key: str) -> dict[str, Any]:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise ConfigError(key, "must map new field names to source paths", "e.g. fields: {query: question}")
-    for name, source in value.items():
-        ok = isinstance(source, str) or (
-            isinstance(source, list) and all(isinstance(s, str) for s in source)
-        )
+def _check_fields(fields: Optional[dict[str, Any]], key: str) -> None:
+    for name, source in (fields or {}).items():
+        ok = isinstance(source, str) or (isinstance(source, list) and all(isinstance(s, str) for s in source))
         if not ok:
-            raise ConfigError(f"{key}.{name}", "must be a dotted path, a template or a list of paths", None)
+            raise ConfigError(f"{key}.{name}", "must be a dotted path, a template or a list of paths",
+                              'e.g. query: question, text: "{title}: {body}" or choices: [a, b]')
         if isinstance(source, str) and "{" in source:
             try:
                 check_template(source)
             except ValueError as e:
-                raise ConfigError(f"{key}.{name}", f"bad template: {e}", None) from None
-    return dict(value)
+                raise ConfigError(f"{key}.{name}", f"bad template: {e}", "write literal braces as {{ and }}") from None
 
 
-def _parse_data(value: Any, p: str) -> DataSpec:
-    d = _mapping(value, f"{p}.data", _DATA_KEYS)
-    path = d.get("path")
-    hf_raw = d.get("hf")
-    if path is None and hf_raw is None:
-        raise ConfigError(f"{p}.data.path", "no data source", "set data.path (relative to data_dir) or data.hf")
-    if path is not None and not isinstance(path, str):
-        raise ConfigError(f"{p}.data.path", "must be a string", None)
-    fmt = d.get("format")
-    if fmt is not None and fmt not in DATA_FORMATS:
-        raise ConfigError(f"{p}.data.format", f"unknown format {fmt!r}", f"use one of: {', '.join(DATA_FORMATS)}")
-    if fmt is None and path is not None:
-        fmt = infer_format(path)
-        if fmt is None:
-            raise ConfigError(
-                f"{p}.data.format", f"cannot tell the format of {path!r} from its name",
-                f"set data.format to one of: {', '.join(DATA_FORMATS)}",
-            )
-    _check_transform(d.get("transform"), f"{p}.data.transform")
-    hf = None
-    if hf_raw is not None:
-        h = _mapping(hf_raw, f"{p}.data.hf", _HF_KEYS)
-        _check_transform(h.get("transform"), f"{p}.data.hf.transform")
-        if not isinstance(h.get("path"), str):
-            raise ConfigError(f"{p}.data.hf.path", "is required", "the hub dataset id, e.g. allenai/ai2_arc")
-        hf = HubSource(
-            path=h["path"],
-            name=h.get("name"),
-            split=h.get("split", "test"),
-            fewshot_split=h.get("fewshot_split"),
-            fields=_parse_fields(h["fields"], f"{p}.data.hf.fields") if "fields" in h else None,
-            transform=h.get("transform", d.get("transform")),
-            revision=h.get("revision"),
-        )
-    return DataSpec(
-        path=path,
-        format=fmt,
-        split=d.get("split"),
-        fields=_parse_fields(d.get("fields"), f"{p}.data.fields"),
-        transform=d.get("transform"),
-        hf=hf,
-    )
-
-
-def _check_transform(name: Any, key: str) -> None:
+def _check_transform(name: Optional[str], key: str) -> None:
     if name is not None and name not in TRANSFORMS:
         raise ConfigError(key, f"unknown transform {name!r}", f"use one of: {', '.join(TRANSFORMS)}")
+
+
+def _check_data(d: DataSpec, p: str) -> DataSpec:
+    if d.path is None and d.hf is None:
+        raise ConfigError(f"{p}.data.path", "no data source", "set data.path (relative to data_dir) or data.hf")
+    fmt = d.format
+    if fmt is not None and fmt not in DATA_FORMATS:
+        raise ConfigError(f"{p}.data.format", f"unknown format {fmt!r}", f"use one of: {', '.join(DATA_FORMATS)}")
+    if fmt is None and d.path is not None:
+        fmt = infer_format(d.path)
+        if fmt is None:
+            raise ConfigError(
+                f"{p}.data.format", f"cannot tell the format of {d.path!r} from its name",
+                f"set data.format to one of: {', '.join(DATA_FORMATS)}",
+            )
+    _check_transform(d.transform, f"{p}.data.transform")
+    _check_fields(d.fields, f"{p}.data.fields")
+    hf = d.hf
+    if hf is not None:
+        _check_transform(hf.transform, f"{p}.data.hf.transform")
+        if not hf.path:
+            raise ConfigError(f"{p}.data.hf.path", "is required", "the hub dataset id, e.g. allenai/ai2_arc")
+        _check_fields(hf.fields, f"{p}.data.hf.fields")
+        if hf.transform is None:
+            hf = dataclasses.replace(hf, transform=d.transform)
+    return dataclasses.replace(d, format=fmt, hf=hf)
 
 
 def infer_format(path: str) -> str | None:
@@ -429,47 +380,25 @@ def infer_format(path: str) -> str | None:
     return None
 
 
-def _parse_choice(value: Any, p: str) -> str | tuple[str, ...] | None:
-    if value is None or isinstance(value, str):
-        return value
-    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
-        return tuple(value)
-    raise ConfigError(f"{p}.doc_to_choice", "must be a field name or a list of strings", "e.g. [A, B, C, D]")
+def _check_choice(value: Union[str, tuple[str, ...], None], p: str) -> Union[str, tuple[str, ...], None]:
+    if isinstance(value, tuple) and not value:
+        raise ConfigError(f"{p}.doc_to_choice", "must be a field name or a list of strings", "e.g. [A, B, C, D]")
+    return value
 
 
-def _parse_labels(value: Any, p: str) -> str | tuple[str, ...] | None:
-    if value is None or isinstance(value, str):
-        return value
-    if isinstance(value, list) and all(isinstance(v, (str, int)) for v in value):
-        return tuple(str(v) for v in value)
-    raise ConfigError(f"{p}.answer_labels", "must be a field name or a list of labels", "e.g. [A, B, C, D]")
+def _check_fewshot(f: FewshotSpec, p: str) -> None:
+    _at_least(f.num, f"{p}.fewshot.num", 0, 5)
+    if f.sampler not in SAMPLERS:
+        raise ConfigError(f"{p}.fewshot.sampler", f"unknown sampler {f.sampler!r}", f"use one of: {', '.join(SAMPLERS)}")
+    if f.seed is not None:
+        _at_least(f.seed, f"{p}.fewshot.seed", 0, 1234)
 
 
-def _parse_fewshot(value: Any, p: str) -> FewshotSpec:
-    f = _mapping(value, f"{p}.fewshot", _FEWSHOT_KEYS)
-    sampler = f.get("sampler", "random")
-    if sampler not in SAMPLERS:
-        raise ConfigError(f"{p}.fewshot.sampler", f"unknown sampler {sampler!r}", f"use one of: {', '.join(SAMPLERS)}")
-    seed = f.get("seed")
-    return FewshotSpec(
-        num=_int(f.get("num", 0), f"{p}.fewshot.num", 0),
-        split=_opt_str(f, "split", f"{p}.fewshot"),
-        path=_opt_str(f, "path", f"{p}.fewshot"),
-        sampler=sampler,
-        group_by=_opt_str(f, "group_by", f"{p}.fewshot"),
-        seed=None if seed is None else _int(seed, f"{p}.fewshot.seed", 0),
-    )
+def _check_generation(g: GenerationSpec, p: str) -> None:
+    _at_least(g.max_new_tokens, f"{p}.generation.max_new_tokens", 1, 256)
 
 
-def _parse_generation(value: Any, p: str) -> GenerationSpec:
-    g = _mapping(value, f"{p}.generation", _GEN_KEYS)
-    return GenerationSpec(
-        max_new_tokens=_int(g.get("max_new_tokens", 256), f"{p}.generation.max_new_tokens", 1),
-        stop=_str_list(g.get("stop", []), f"{p}.generation.stop"),
-    )
-
-
-def _parse_filters(value: Any, p: str) -> tuple[FilterSpec, ...]:
+def _read_filters(value: Any, p: str) -> tuple[FilterSpec, ...]:
     if value is None:
         return ()
     if not isinstance(value, list):
@@ -477,77 +406,50 @@ def _parse_filters(value: Any, p: str) -> tuple[FilterSpec, ...]:
     out = []
     for i, item in enumerate(value):
         key = f"{p}.filters[{i}]"
-        f = _mapping(item, key, _FILTER_KEYS)
-        name = f.get("name")
-        if not isinstance(name, str) or not name:
+        f = read_settings(FilterSpec, item, key)
+        if not f.name:
             raise ConfigError(f"{key}.name", "is required", "e.g. strict-match")
-        function = f.get("function", "regex")
-        if function not in FILTER_FUNCTIONS:
+        if f.function not in FILTER_FUNCTIONS:
             raise ConfigError(
-                f"{key}.function", f"unknown filter {function!r}", f"use one of: {', '.join(FILTER_FUNCTIONS)}"
+                f"{key}.function", f"unknown filter {f.function!r}", f"use one of: {', '.join(FILTER_FUNCTIONS)}"
             )
-        regex = f.get("regex")
-        if function == "regex":
-            if not isinstance(regex, str):
-                raise ConfigError(f"{key}.regex", "is required for a regex filter", None)
-            try:
-                re.compile(regex)
-            except re.error as e:
-                raise ConfigError(f"{key}.regex", f"invalid regular expression: {e}", None) from None
-        group_select = f.get("group_select", 0)
-        if isinstance(group_select, bool) or not isinstance(group_select, int):
-            raise ConfigError(f"{key}.group_select", "must be an integer (0 first match, -1 last)", None)
-        out.append(FilterSpec(name, function, regex, group_select, str(f.get("fallback", "[invalid]"))))
+        if f.function == "regex":
+            if f.regex is None:
+                raise ConfigError(f"{key}.regex", "is required for a regex filter", 'e.g. regex: "#### (\\\\-?[0-9.,]+)"')
+            _check_regex(f.regex, f"{key}.regex")
+        out.append(f)
     names = [f.name for f in out]
     if len(set(names)) != len(names):
-        raise ConfigError(f"{p}.filters", "filter names must be unique", None)
+        raise ConfigError(f"{p}.filters", "filter names must be unique", "rename the repeated filter")
     return tuple(out)
 
 
-def _parse_exact_match(value: Any, p: str) -> ExactMatchSpec:
-    e = _mapping(value, f"{p}.exact_match", _EM_KEYS)
-    regexes = _str_list(e.get("regexes_to_ignore", []), f"{p}.exact_match.regexes_to_ignore")
-    for r in regexes:
-        try:
-            re.compile(r)
-        except re.error as err:
-            raise ConfigError(f"{p}.exact_match.regexes_to_ignore", f"invalid regex {r!r}: {err}", None) from None
-    return ExactMatchSpec(
-        ignore_case=_bool(e.get("ignore_case", False), f"{p}.exact_match.ignore_case"),
-        ignore_punctuation=_bool(e.get("ignore_punctuation", False), f"{p}.exact_match.ignore_punctuation"),
-        regexes_to_ignore=regexes,
-    )
+def _check_exact_match(e: ExactMatchSpec, p: str) -> None:
+    for r in e.regexes_to_ignore:
+        _check_regex(r, f"{p}.exact_match.regexes_to_ignore")
 
 
-def _parse_code(value: Any, p: str) -> CodeSpec | None:
-    if value is None:
-        return None
-    c = _mapping(value, f"{p}.code", _CODE_KEYS)
-    program = c.get("program")
-    if not isinstance(program, str):
+def _check_code(c: Optional[CodeSpec], p: str) -> None:
+    if c is None:
+        return
+    if not c.program:
         raise ConfigError(
             f"{p}.code.program", "is required", 'a template with {completion}, e.g. "{prompt}{completion}\\n{test}"'
         )
-    _opt_template(c, "program", f"{p}.code")
-    if "{completion}" not in program:
-        raise ConfigError(f"{p}.code.program", "must contain {completion}", None)
-    timeout = c.get("timeout_s", 3.0)
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
-        raise ConfigError(f"{p}.code.timeout_s", "must be a positive number of seconds", None)
-    workers = c.get("workers")
-    return CodeSpec(
-        program=program,
-        timeout_s=float(timeout),
-        memory_mb=_int(c.get("memory_mb", 1024), f"{p}.code.memory_mb", 16),
-        num_samples=_int(c.get("num_samples", 1), f"{p}.code.num_samples", 1),
-        workers=None if workers is None else _int(workers, f"{p}.code.workers", 1),
-    )
+    _check_template(c.program, f"{p}.code.program")
+    if "{completion}" not in c.program:
+        raise ConfigError(f"{p}.code.program", "must contain {completion}", 'e.g. "{prompt}{completion}\\n{test}"')
+    if c.timeout_s <= 0:
+        raise ConfigError(f"{p}.code.timeout_s", "must be a positive number of seconds", "use e.g. 3.0")
+    _at_least(c.memory_mb, f"{p}.code.memory_mb", 16, 1024)
+    _at_least(c.num_samples, f"{p}.code.num_samples", 1, 1)
+    if c.workers is not None:
+        _at_least(c.workers, f"{p}.code.workers", 1, 4)
 
 
-def _parse_metrics(value: Any, task_type: str, p: str) -> tuple[str, ...]:
-    if value is None:
+def _check_metrics(metrics: tuple[str, ...], given: bool, task_type: str, p: str) -> tuple[str, ...]:
+    if not given:
         return tuple(TYPE_METRICS[task_type]["default"])
-    metrics = _str_list(value, f"{p}.metrics")
     if not metrics:
         raise ConfigError(f"{p}.metrics", "is empty", "list at least one metric or omit the key")
     allowed = TYPE_METRICS[task_type]["metrics"]
@@ -556,4 +458,4 @@ def _parse_metrics(value: Any, task_type: str, p: str) -> tuple[str, ...]:
         if not ok:
             fix = "use pass@k, e.g. pass@1" if task_type == "code" else f"use: {', '.join(sorted(allowed))}"
             raise ConfigError(f"{p}.metrics", f"{m!r} is not a metric of type {task_type}", fix)
-    return metrics
+    return tuple(metrics)

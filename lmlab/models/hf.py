@@ -424,7 +424,7 @@ def save_hf(
     Files: ``config.json``, ``generation_config.json``, ``model.safetensors``,
     ``lmlab_config.json`` and, with ``tokenizer``, the tokenizer files
     (including its chat template). Callers wanting atomic replacement write
-    to a temporary directory and rename it (see :func:`lmlab.export.export_hf`).
+    to a temporary directory and rename it (see :func:`lmlab.models.export.export_hf`).
     """
     from safetensors.torch import save_file
     from transformers import GenerationConfig

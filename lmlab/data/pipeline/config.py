@@ -51,6 +51,7 @@ from lmlab.data.textread import DEFAULT_MAX_MISSING_TEXT_FRACTION
 from lmlab.data.tokenizer import TokenizerTrainConfig
 from lmlab.errors import ConfigError
 from lmlab.eval.data import resolve_data_dir
+from lmlab.settings import read_settings
 
 SOURCE_TYPES = ("files", "hf", "stdlib", "warc", "html")
 KINDS = ("prose", "code")
@@ -60,26 +61,6 @@ DEFAULT_FILTERS: dict[str, list[Any]] = {
     "prose": ["gopher_repetition", "gopher_quality", "c4", "fineweb"],
     "code": ["code"],
 }
-
-
-def _build(cls: type, data: Any, where: str) -> Any:
-    """Instantiate dataclass ``cls`` from a mapping, naming unknown keys and bad values in a ConfigError."""
-    if data is None:
-        data = {}
-    if isinstance(data, cls):
-        return data
-    if not isinstance(data, Mapping):
-        raise ConfigError(where, f"expected a mapping, got {type(data).__name__}", f"write {where} as key: value pairs")
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ConfigError(f"{where}.{unknown[0]}", "unknown setting", f"known settings: {', '.join(sorted(known))}")
-    try:
-        return cls(**data)
-    except ConfigError:
-        raise
-    except (TypeError, ValueError) as e:
-        raise ConfigError(where, str(e).splitlines()[0], "check the values against docs/data.md") from None
 
 
 @dataclass
@@ -97,9 +78,9 @@ class PrepSource:
     max_documents: Optional[int] = None
     max_chars: Optional[int] = 1_000_000
     kind: Optional[str] = None
-    filters: Optional[list] = None
+    filters: Optional[list[Any]] = None
     split_pattern: Optional[str] = None
-    extract: Optional[dict] = None
+    extract: Optional[dict[str, Any]] = None
     quality: Optional[bool] = None
     max_missing_text_fraction: float = DEFAULT_MAX_MISSING_TEXT_FRACTION
 
@@ -143,7 +124,8 @@ class QualitySettings:
         reference_max_chars: Characters of reference text used for the fit.
         reference_model: An lmlab checkpoint (``.ckpt`` or export directory)
             whose per-document perplexity replaces the bigram model.
-        reference_tokenizer: Tokenizer of ``reference_model``.
+        reference_tokenizer: Tokenizer of ``reference_model`` (default: the one
+            the checkpoint carries, see :meth:`lmlab.models.checkpoint.Checkpoint.tokenizer`).
         reference_max_tokens: Tokens of each document the neural model scores.
         device: Device for the neural reference model (``cpu``, ``cuda``).
         diversity_window: Segment length of the type-token ratio.
@@ -151,12 +133,12 @@ class QualitySettings:
     """
 
     enabled: bool = True
-    weights: dict = field(default_factory=lambda: {"perplexity": 0.7, "diversity": 0.15, "safety": 0.15})
-    perplexity_range: Optional[list] = None
+    weights: dict[str, float] = field(default_factory=lambda: {"perplexity": 0.7, "diversity": 0.15, "safety": 0.15})
+    perplexity_range: Optional[list[float]] = None
     threshold: Optional[float] = None
     keep_fraction: Optional[float] = None
-    apply_to: Optional[list] = None
-    reference_sources: list = field(default_factory=lambda: ["reference", "books"])
+    apply_to: Optional[list[str]] = None
+    reference_sources: list[str] = field(default_factory=lambda: ["reference", "books"])
     reference_max_chars: int = 5_000_000
     reference_model: Optional[str] = None
     reference_tokenizer: Optional[str] = None
@@ -173,12 +155,6 @@ class QualitySettings:
             raise ConfigError("quality.keep_fraction", f"must be in (0, 1], got {self.keep_fraction}", "use e.g. 0.8")
         if self.perplexity_range is not None and len(self.perplexity_range) != 2:
             raise ConfigError("quality.perplexity_range", "must be [lo, hi]", "e.g. [100, 3000], or null to calibrate")
-        if self.reference_model is not None and not self.reference_tokenizer:
-            raise ConfigError(
-                "quality.reference_tokenizer",
-                "is required with quality.reference_model",
-                "give the tokenizer directory the checkpoint was trained with",
-            )
 
 
 @dataclass
@@ -250,7 +226,7 @@ class EngineSettings:
     name: str = "local"
     tasks: int = 4
     workers: int = 2
-    slurm: Optional[dict] = None
+    slurm: Optional[dict[str, Any]] = None
 
     def __post_init__(self) -> None:
         if self.name not in ENGINES:
@@ -271,9 +247,14 @@ class ReportSettings:
 
 @dataclass
 class PrepareConfig:
-    """The whole ``lmlab data prepare`` configuration (see the module docstring)."""
+    """The whole ``lmlab data prepare`` configuration (see the module docstring).
 
-    sources: list
+    :func:`load_config` reads it with :func:`lmlab.settings.read_settings`;
+    built directly, mapping sections (``quality={...}``) are read the same way.
+    ``sources`` entries are read one by one so errors name ``sources[i]``.
+    """
+
+    sources: list[Any]
     seed: int = 1337
     out: Optional[str] = None
     num_proc: Optional[int] = None
@@ -281,15 +262,15 @@ class PrepareConfig:
     val_fraction: float = 0.01
     train_tokens: Optional[float] = None
     tokenizer: Optional[str] = None
-    tokenizer_train: Any = None
-    normalize: Any = None
+    tokenizer_train: TokenizerTrainConfig = field(default_factory=TokenizerTrainConfig)
+    normalize: NormalizeConfig = field(default_factory=NormalizeConfig)
     max_line_chars: Optional[int] = 100_000
-    filters: Any = None
-    quality: Any = None
-    dedup: Any = None
-    decontaminate: Any = None
-    engine: Any = None
-    report: Any = None
+    filters: Optional[dict[str, Any]] = None
+    quality: QualitySettings = field(default_factory=QualitySettings)
+    dedup: DedupSettings = field(default_factory=DedupSettings)
+    decontaminate: DecontamSettings = field(default_factory=DecontamSettings)
+    engine: EngineSettings = field(default_factory=EngineSettings)
+    report: ReportSettings = field(default_factory=ReportSettings)
 
     def __post_init__(self) -> None:
         if not isinstance(self.sources, list) or not self.sources:
@@ -301,13 +282,13 @@ class PrepareConfig:
             raise ConfigError("sources", f"duplicate source name {dup[0]!r}", "give each source a unique name")
         if sum(s.weight for s in self.sources) <= 0:
             raise ConfigError("sources", "weights sum to zero", "give at least one source a positive weight")
-        self.tokenizer_train = _build(TokenizerTrainConfig, self.tokenizer_train, "tokenizer_train")
-        self.normalize = _build(NormalizeConfig, self.normalize, "normalize")
-        self.quality = _build(QualitySettings, self.quality, "quality")
-        self.dedup = _build(DedupSettings, self.dedup, "dedup")
-        self.decontaminate = _build(DecontamSettings, self.decontaminate, "decontaminate")
-        self.engine = _build(EngineSettings, self.engine, "engine")
-        self.report = _build(ReportSettings, self.report, "report")
+        self.tokenizer_train = read_settings(TokenizerTrainConfig, self.tokenizer_train, "tokenizer_train")
+        self.normalize = read_settings(NormalizeConfig, self.normalize, "normalize")
+        self.quality = read_settings(QualitySettings, self.quality, "quality")
+        self.dedup = read_settings(DedupSettings, self.dedup, "dedup")
+        self.decontaminate = read_settings(DecontamSettings, self.decontaminate, "decontaminate")
+        self.engine = read_settings(EngineSettings, self.engine, "engine")
+        self.report = read_settings(ReportSettings, self.report, "report")
         filters = dict(DEFAULT_FILTERS)
         if self.filters is not None:
             if not isinstance(self.filters, Mapping):
@@ -345,7 +326,7 @@ class PrepareConfig:
         elif isinstance(s, SourceConfig):
             src = PrepSource(**dataclasses.asdict(s))
         else:
-            src = _build(PrepSource, s, where)
+            src = read_settings(PrepSource, s, where)
         if not src.name or not isinstance(src.name, str) or "/" in src.name or src.name.startswith("."):
             raise ConfigError(f"{where}.name", f"invalid source name {src.name!r}", "use a short name such as web")
         if src.type not in SOURCE_TYPES:
@@ -461,4 +442,4 @@ def load_config(path: str | os.PathLike, overrides: Mapping[str, Any] | None = N
     if not data.get("out"):
         data = {**data, "out": f".lmlab_cache/prepared/{Path(path).stem}"}
     data = {**data, **{k: v for k, v in (overrides or {}).items() if v is not None}}
-    return _build(PrepareConfig, data, "config")
+    return read_settings(PrepareConfig, data)
