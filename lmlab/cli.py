@@ -37,12 +37,28 @@ def _lightning_cli_class():
     from lightning.pytorch.cli import LightningCLI
 
     class LMLabCLI(LightningCLI):
-        """LightningCLI with lmlab's compute-budget derivation and defaults."""
+        """LightningCLI with lmlab's compute-budget derivation, one-line errors and run-folder locking."""
 
         def add_arguments_to_parser(self, parser) -> None:
             from lmlab.budget import ComputeBudget
 
             parser.add_class_arguments(ComputeBudget, "budget")
+
+        def parse_arguments(self, parser, args) -> None:
+            from jsonargparse import ArgumentError
+
+            from lmlab.parse_errors import config_error_from_parse
+
+            # raise instead of printing the full usage; the error becomes one line naming the key
+            for p in (parser, *self._subcommand_parsers.values()):
+                p.exit_on_error = False
+            try:
+                super().parse_arguments(parser, args)
+            except ArgumentError as e:
+                argv = list(sys.argv[1:] if args is None else args)
+                verb = next((a for a in argv if a in self._subcommand_parsers), None)
+                failed = getattr(e, "subcommand_parser", None) or self._subcommand_parsers.get(verb) or parser
+                raise config_error_from_parse(str(e), failed) from None
 
         def instantiate_classes(self) -> None:
             try:
@@ -59,11 +75,57 @@ def _lightning_cli_class():
 
             from lmlab.distributed.validate import validate_config
 
+            from lmlab.fit_checks import check_config
+
             cfg = self.config.get(self.subcommand) if self.subcommand else self.config
             if cfg is not None and cfg.get("budget") is not None:
                 apply_budget(cfg)
             if cfg is not None:
+                check_config(cfg)
                 validate_config(cfg)
+
+        def before_fit(self) -> None:
+            from lmlab.fit_checks import (
+                check_fresh_run,
+                check_resume_checkpoint,
+                checkpoint_dirs,
+                is_global_zero_process,
+                names_a_file,
+                resolve_last,
+            )
+
+            # everything here runs before the data setup, so a bad resume fails in seconds, not minutes
+            cfg = self.config_init[self.subcommand]
+            ckpt = cfg.get("ckpt_path")
+            dirs = checkpoint_dirs(self.trainer)
+            if ckpt == "last":
+                ckpt = str(resolve_last(dirs))
+                cfg["ckpt_path"] = ckpt
+            if ckpt is None:
+                if is_global_zero_process():
+                    check_fresh_run(dirs)
+            elif names_a_file(ckpt):
+                check_resume_checkpoint(ckpt, self.model)
+
+        def _parse_ckpt_path(self) -> None:
+            from lmlab.fit_checks import names_a_file, read_checkpoint
+
+            # Lightning unpickles the checkpoint here for its hyperparameters: a missing, truncated or foreign
+            # file must be a one-line error, not an unpickler traceback
+            sub = self.config.get("subcommand")
+            ckpt = self.config[sub].get("ckpt_path") if sub else None
+            if names_a_file(ckpt):
+                read_checkpoint(ckpt)
+            super()._parse_ckpt_path()
+
+        def _run_subcommand(self, subcommand: str) -> None:
+            from lmlab.fit_checks import RunFolderLock, checkpoint_dirs, is_global_zero_process
+
+            if subcommand != "fit" or not is_global_zero_process():
+                return super()._run_subcommand(subcommand)
+            # held from the resume checks to the end of training, released however the fit ends
+            with RunFolderLock(checkpoint_dirs(self.trainer)):
+                super()._run_subcommand(subcommand)
 
     return LMLabCLI
 
@@ -132,6 +194,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ConfigError as e:
         # user mistakes get one line, not a traceback
         print(f"lmlab {verb}: error: {e}", file=sys.stderr)
+        return 2
+    except FloatingPointError as e:
+        # a diverged run (the modules stop before the optimizer step): the message says what to change
+        print(f"lmlab {verb}: error: training diverged: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
