@@ -93,6 +93,7 @@ def _lightning_cli_class():
                 names_a_file,
                 resolve_last,
             )
+            from lmlab.callbacks import ModelCheckpoint
 
             # everything here runs before the data setup, so a bad resume fails in seconds, not minutes
             cfg = self.config_init[self.subcommand]
@@ -106,6 +107,9 @@ def _lightning_cli_class():
                     check_fresh_run(dirs)
             elif names_a_file(ckpt):
                 check_resume_checkpoint(ckpt, self.model)
+            for cb in self.trainer.callbacks:
+                if isinstance(cb, ModelCheckpoint):
+                    cb.resuming = ckpt is not None
 
         def _parse_ckpt_path(self) -> None:
             from lmlab.fit_checks import names_a_file, read_checkpoint
@@ -117,6 +121,18 @@ def _lightning_cli_class():
             if names_a_file(ckpt):
                 read_checkpoint(ckpt)
             super()._parse_ckpt_path()
+
+        def _instantiate_trainer(self, config: dict, callbacks: list):
+            from lightning.pytorch.callbacks import ProgressBar
+
+            from lmlab.callbacks import step_progress_bar
+
+            # the stock bar reads "Epoch 0/-2" for a max_steps run; a config that names its own bar keeps it
+            given = config.get("callbacks") or []
+            given = given if isinstance(given, list) else [given]
+            if config.get("enable_progress_bar", True) is not False and not any(isinstance(c, ProgressBar) for c in given):
+                callbacks = [*callbacks, step_progress_bar()]
+            return super()._instantiate_trainer(config, callbacks)
 
         def _run_subcommand(self, subcommand: str) -> None:
             from lmlab.fit_checks import RunFolderLock, checkpoint_dirs, is_global_zero_process
@@ -140,10 +156,29 @@ def _find_config_error(exc: BaseException) -> Optional[ConfigError]:
     return None
 
 
+class _DropAdvert:
+    """A logging filter for Lightning's "install litlogger" tip, printed on every run that logs elsewhere."""
+
+    def filter(self, record) -> bool:
+        return "litlogger" not in str(record.getMessage())
+
+
+def _quiet_lightning_notices() -> None:
+    import logging
+    import warnings
+
+    # Lightning's own flattening of the batch calls a torch.utils._pytree API that torch has deprecated; nothing
+    # lmlab (or its user) does causes or can fix it, and it would otherwise print on every run
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", module=r"lightning\.pytorch\.utilities\._pytree")
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(_DropAdvert())
+
+
 def run_lightning(args: Optional[list[str]] = None):
     """Run the LightningCLI part of ``lmlab`` (fit/validate/test/predict)."""
     import lightning.pytorch as pl
 
+    _quiet_lightning_notices()
     cli_cls = _lightning_cli_class()
     return cli_cls(
         model_class=pl.LightningModule,
@@ -152,6 +187,9 @@ def run_lightning(args: Optional[list[str]] = None):
         subclass_mode_data=True,
         args=args,
         save_config_kwargs={"overwrite": True},
+        # lmlab prints the model's size and training FLOPs itself; Lightning's table would add a "FLOPs 0" column
+        # (it counts FLOPs only for modules with an example input)
+        trainer_defaults={"enable_model_summary": False},
         parser_kwargs={"default_env": False},
         auto_configure_optimizers=False,
     )
