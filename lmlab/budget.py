@@ -104,3 +104,109 @@ def apply_budget(cfg) -> None:
         parts.append(f"D={float(d):,.0f} tokens = {steps:,} steps of {batch}x{seq_len} tokens")
     head = f"C={compute:.3e} FLOPs -> " if compute is not None else ""
     print(f"lmlab budget: {head}{', '.join(parts)}{rule}", flush=True)
+
+
+# --- wall-time estimate ----------------------------------------------------------------------------
+
+#: Model FLOP utilisation assumed for the estimate: the share of the device's peak (on a CPU, of its measured
+#: matmul rate) a dense transformer's training step achieves. Well-tuned GPU runs reach 0.35-0.5; lmlab's own
+#: CPU runs measure about 0.45 of the matmul rate.
+ASSUMED_MFU = 0.4
+
+
+def measure_matmul_flops(device=None, dtype=None, seconds: float = 0.25, n: int = 1024) -> float:
+    """Dense matmul FLOP/s on ``device`` (default CPU), timed for about ``seconds``."""
+    import time
+
+    import torch
+
+    device = torch.device(device or "cpu")
+    dtype = dtype or torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    a @ b  # warm-up: first call allocates and picks kernels
+    sync()
+    count, start = 0, time.perf_counter()
+    while True:
+        a @ b
+        count += 1
+        if count % 4 == 0:
+            sync()
+            elapsed = time.perf_counter() - start
+            if elapsed >= seconds:
+                return count * 2.0 * n**3 / elapsed
+
+
+def device_flops(device, precision) -> tuple[float, str]:
+    """(peak FLOP/s of one device, how it was found): the hardware table for known GPUs, else a quick matmul."""
+    import torch
+
+    from lmlab.distributed.hardware import detect_peak_flops, precision_key
+
+    key = precision_key(precision)
+    peak = detect_peak_flops(device, precision)
+    if peak:
+        return peak, f"{torch.cuda.get_device_name(device)} (peak {peak / 1e12:,.0f} TFLOP/s {key})"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[key]
+    if device.type == "cpu" and key == "fp16":
+        dtype = torch.float32  # CPUs compute fp16 autocast regions in fp32
+    measured = measure_matmul_flops(device, dtype)
+    name = "CPU" if device.type == "cpu" else torch.cuda.get_device_name(device)
+    return measured, f"{name} (measured {measured / 1e9:,.0f} GFLOP/s {key} matmul)"
+
+
+def format_duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 48 * 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
+@dataclass
+class WallTimeEstimate:
+    """Training time of ``flops`` on ``devices`` devices at ``ASSUMED_MFU`` of ``flops_per_device``."""
+
+    flops: float
+    flops_per_device: float
+    devices: int
+    source: str
+    mfu: float = ASSUMED_MFU
+
+    @property
+    def seconds(self) -> float:
+        return self.flops / (self.flops_per_device * self.devices * self.mfu)
+
+    def compute_for(self, seconds: float) -> float:
+        """The training FLOPs that take ``seconds`` on this hardware."""
+        return seconds * self.flops_per_device * self.devices * self.mfu
+
+    def line(self, suggest_budget: bool = False) -> str:
+        text = (f"lmlab estimate: C={self.flops:.3e} FLOPs on {self.devices} x {self.source} at an assumed "
+                f"{self.mfu:.0%} MFU -> about {format_duration(self.seconds)} of training (data preparation not included)")
+        if suggest_budget and self.seconds > 3600:
+            text += f"; about 10 min here: --budget.compute={self.compute_for(600):.1e}"
+        return text
+
+
+def estimate_wall_time(flops: float, device, precision, devices: int = 1) -> WallTimeEstimate:
+    """How long ``flops`` training FLOPs take on ``devices`` x ``device`` (a ``torch.device``)."""
+    per_device, source = device_flops(device, precision)
+    return WallTimeEstimate(float(flops), per_device, max(1, int(devices)), source)
+
+
+def fit_training_flops(module, datamodule, max_steps: int) -> Optional[float]:
+    """Training FLOPs of ``max_steps`` steps of an lmlab transformer stage (None for anything else)."""
+    from lmlab.models.config import TransformerConfig
+    from lmlab.models.counting import training_flops
+
+    config = getattr(module, "config", None)
+    schedule = getattr(datamodule, "schedule", None)
+    seq_len = getattr(datamodule, "seq_len", None)
+    if not isinstance(config, TransformerConfig) or schedule is None or not seq_len or not max_steps or max_steps <= 0:
+        return None
+    tokens = schedule.samples_before(max_steps) * seq_len
+    return training_flops(config, tokens, seq_len, getattr(module, "flop_convention", "palm"))

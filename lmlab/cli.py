@@ -110,6 +110,20 @@ def _lightning_cli_class():
             for cb in self.trainer.callbacks:
                 if isinstance(cb, ModelCheckpoint):
                     cb.resuming = ckpt is not None
+            if is_global_zero_process():
+                self._print_wall_time_estimate()
+
+        def _print_wall_time_estimate(self) -> None:
+            from lmlab.budget import estimate_wall_time, fit_training_flops
+
+            flops = fit_training_flops(self.model, self.datamodule, self.trainer.max_steps)
+            if flops is None:
+                return
+            trainer = self.trainer
+            estimate = estimate_wall_time(flops, trainer.strategy.root_device, trainer.precision, trainer.num_devices * trainer.num_nodes)
+            cfg = self.config[self.subcommand]
+            budgeted = (cfg.get("budget") or {}).get("compute") is not None
+            print(estimate.line(suggest_budget=budgeted), flush=True)
 
         def _parse_ckpt_path(self) -> None:
             from lmlab.fit_checks import names_a_file, read_checkpoint
