@@ -120,7 +120,11 @@ def _lightning_cli_class():
             if flops is None:
                 return
             trainer = self.trainer
-            estimate = estimate_wall_time(flops, trainer.strategy.root_device, trainer.precision, trainer.num_devices * trainer.num_nodes)
+            try:
+                device = trainer.strategy.root_device
+            except Exception:  # a strategy that only knows its device after launch: no estimate
+                return
+            estimate = estimate_wall_time(flops, device, trainer.precision, trainer.num_devices * trainer.num_nodes)
             cfg = self.config[self.subcommand]
             budgeted = (cfg.get("budget") or {}).get("compute") is not None
             print(estimate.line(suggest_budget=budgeted), flush=True)
@@ -185,7 +189,9 @@ def _quiet_lightning_notices() -> None:
     # lmlab (or its user) does causes or can fix it, and it would otherwise print on every run
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", module=r"lightning\.pytorch\.utilities\._pytree")
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
-        logging.getLogger(name).addFilter(_DropAdvert())
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropAdvert) for f in logger.filters):
+            logger.addFilter(_DropAdvert())
 
 
 def run_lightning(args: Optional[list[str]] = None):
