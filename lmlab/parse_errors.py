@@ -24,6 +24,7 @@ _UNKNOWN = (
     (re.compile(r"Group '([^']+)' does not accept option '([^']+)'"), lambda m: f"{m.group(1)}.{m.group(2)}"),
     (re.compile(r'Key "([^"]+)" is not expected'), lambda m: m.group(1)),
 )
+_LITERAL = re.compile(r"typing\.Literal\[(.*?)\]")
 _CLASS = re.compile(r"<class '(?:[\w.]+\.)?(\w+)'>")
 
 
@@ -116,6 +117,7 @@ def config_error_from_parse(message: str, parser=None, flag_prefix: str = "") ->
                                "check the path of the YAML file")
         problem = _CLASS.sub(r"\1", line)
         problem = problem.replace("Expected a ", "expected ").replace(". Got value:", ", got")
+        problem = _LITERAL.sub(r"one of \1", problem)
         field = ".".join(keys) if keys else "arguments"
         return ConfigError(flag_prefix + field if keys else field, problem, "see `--help` for the accepted values")
     first = next((ln.strip() for ln in message.splitlines() if ln.strip()), "invalid arguments")

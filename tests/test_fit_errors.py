@@ -86,6 +86,7 @@ CONFIG_CASES = [
     (["--model.optimizer.lrr=0.1"], "model.optimizer.lrr", ["did you mean model.optimizer.lr?"]),
     (["--model.config.n_layers=abc"], "model.config.n_layers", ["expected int", "abc"]),
     (["--trainer.max_steps=abc"], "trainer.max_steps", ["expected int"]),
+    (["--model.config.ffn_type=foo"], "model.config.ffn_type", ["expected one of 'swiglu', 'gelu', got foo"]),
     (["--config", "no/such/file.yaml"], "--config", ["no/such/file.yaml"]),
 ]
 
