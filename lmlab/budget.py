@@ -108,22 +108,30 @@ def apply_budget(cfg) -> None:
 
 # --- wall-time estimate ----------------------------------------------------------------------------
 
-#: Model FLOP utilisation assumed for the estimate: the share of the device's peak (on a CPU, of its measured
-#: matmul rate) a dense transformer's training step achieves. Well-tuned GPU runs reach 0.35-0.5; lmlab's own
-#: CPU runs measure about 0.45 of the matmul rate.
+#: Model FLOP utilisation assumed for the estimate: the share of the device's peak (on a CPU or an unlisted GPU,
+#: of the measured rate of the model's own matmul shape) a dense transformer's training step achieves.
+#: Well-tuned GPU runs reach 0.35-0.5.
 ASSUMED_MFU = 0.4
 
+#: Largest number of rows of the timed matmul (one micro-batch's tokens, capped to keep the timing short)
+_MAX_TIMED_ROWS = 8192
 
-def measure_matmul_flops(device=None, dtype=None, seconds: float = 0.25, n: int = 1024) -> float:
-    """Dense matmul FLOP/s on ``device`` (default CPU), timed for about ``seconds``."""
+
+def measure_matmul_flops(device=None, dtype=None, seconds: float = 0.25, shape: tuple[int, int, int] = (1024, 1024, 1024)) -> float:
+    """FLOP/s of an (m x k) @ (k x n) matmul on ``device`` (default CPU), timed for about ``seconds``.
+
+    Small models run small matmuls far below a device's large-matrix rate, so
+    the estimate times the model's own shape rather than a square benchmark.
+    """
     import time
 
     import torch
 
     device = torch.device(device or "cpu")
     dtype = dtype or torch.float32
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    m, k, n = shape
+    a = torch.randn(m, k, device=device, dtype=dtype)
+    b = torch.randn(k, n, device=device, dtype=dtype)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     a @ b  # warm-up: first call allocates and picks kernels
     sync()
@@ -135,11 +143,12 @@ def measure_matmul_flops(device=None, dtype=None, seconds: float = 0.25, n: int 
             sync()
             elapsed = time.perf_counter() - start
             if elapsed >= seconds:
-                return count * 2.0 * n**3 / elapsed
+                return count * 2.0 * m * k * n / elapsed
 
 
-def device_flops(device, precision) -> tuple[float, str]:
-    """(peak FLOP/s of one device, how it was found): the hardware table for known GPUs, else a quick matmul."""
+def device_flops(device, precision, shape: tuple[int, int, int] = (1024, 1024, 1024)) -> tuple[float, str]:
+    """(FLOP/s of one device, how it was found): the peak from the hardware table for listed GPUs, else a quick
+    measurement of a ``shape`` matmul (the model's own, for a fit)."""
     import torch
 
     from lmlab.distributed.hardware import detect_peak_flops, precision_key
@@ -151,9 +160,10 @@ def device_flops(device, precision) -> tuple[float, str]:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[key]
     if device.type == "cpu" and key == "fp16":
         dtype = torch.float32  # CPUs compute fp16 autocast regions in fp32
-    measured = measure_matmul_flops(device, dtype)
+    measured = measure_matmul_flops(device, dtype, shape=shape)
     name = "CPU" if device.type == "cpu" else torch.cuda.get_device_name(device)
-    return measured, f"{name} (measured {measured / 1e9:,.0f} GFLOP/s {key} matmul)"
+    dims = "x".join(str(d) for d in shape)
+    return measured, f"{name} (measured {measured / 1e9:,.0f} GFLOP/s on a {dims} {key} matmul)"
 
 
 def format_duration(seconds: float) -> str:
@@ -192,10 +202,24 @@ class WallTimeEstimate:
         return text
 
 
-def estimate_wall_time(flops: float, device, precision, devices: int = 1) -> WallTimeEstimate:
-    """How long ``flops`` training FLOPs take on ``devices`` x ``device`` (a ``torch.device``)."""
-    per_device, source = device_flops(device, precision)
+def estimate_wall_time(
+    flops: float, device, precision, devices: int = 1, shape: tuple[int, int, int] = (1024, 1024, 1024)
+) -> WallTimeEstimate:
+    """How long ``flops`` training FLOPs take on ``devices`` x ``device`` (a ``torch.device``); ``shape`` is the
+    matmul timed where the device is not in the peak table."""
+    per_device, source = device_flops(device, precision, shape)
     return WallTimeEstimate(float(flops), per_device, max(1, int(devices)), source)
+
+
+def fit_matmul_shape(module, datamodule) -> tuple[int, int, int]:
+    """The feed-forward up-projection of one micro-batch: (tokens, d_model, hidden), tokens capped."""
+    config = module.config
+    try:
+        micro = datamodule.micro_batch_size
+    except Exception:  # needs the trainer's data-parallel layout, not known before the fit is launched
+        micro = datamodule.schedule.base
+    rows = max(1, min(_MAX_TIMED_ROWS, int(micro) * int(datamodule.seq_len)))
+    return rows, int(config.d_model), int(config.hidden_dim)
 
 
 def fit_training_flops(module, datamodule, max_steps: int) -> Optional[float]:

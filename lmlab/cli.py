@@ -114,7 +114,7 @@ def _lightning_cli_class():
                 self._print_wall_time_estimate()
 
         def _print_wall_time_estimate(self) -> None:
-            from lmlab.budget import estimate_wall_time, fit_training_flops
+            from lmlab.budget import estimate_wall_time, fit_matmul_shape, fit_training_flops
 
             flops = fit_training_flops(self.model, self.datamodule, self.trainer.max_steps)
             if flops is None:
@@ -124,7 +124,8 @@ def _lightning_cli_class():
                 device = trainer.strategy.root_device
             except Exception:  # a strategy that only knows its device after launch: no estimate
                 return
-            estimate = estimate_wall_time(flops, device, trainer.precision, trainer.num_devices * trainer.num_nodes)
+            shape = fit_matmul_shape(self.model, self.datamodule)
+            estimate = estimate_wall_time(flops, device, trainer.precision, trainer.num_devices * trainer.num_nodes, shape)
             cfg = self.config[self.subcommand]
             budgeted = (cfg.get("budget") or {}).get("compute") is not None
             print(estimate.line(suggest_budget=budgeted), flush=True)

@@ -9,7 +9,14 @@ import pytest
 import torch
 
 from lmlab import budget
-from lmlab.budget import ASSUMED_MFU, WallTimeEstimate, estimate_wall_time, fit_training_flops, format_duration
+from lmlab.budget import (
+    ASSUMED_MFU,
+    WallTimeEstimate,
+    estimate_wall_time,
+    fit_matmul_shape,
+    fit_training_flops,
+    format_duration,
+)
 from lmlab.data.batching import BatchSchedule
 from lmlab.models.config import TransformerConfig
 from lmlab.models.counting import training_flops
@@ -33,7 +40,9 @@ def test_quickstart_console_is_quiet_and_estimates_first(tmp_path):
     assert re.search(r"Step\s.*\b4/4\b", out), out[-2000:]
     estimate = [ln for ln in out.splitlines() if ln.startswith("lmlab estimate:")]
     assert len(estimate) == 1, out[-3000:]
-    assert "1 x CPU (measured" in estimate[0] and "assumed 40% MFU" in estimate[0]
+    # the quickstart's matmul: 16 x 128 tokens of one batch, d_model 128, SwiGLU hidden 384 (fp32)
+    assert "1 x CPU (measured" in estimate[0] and "on a 2048x128x384 fp32 matmul" in estimate[0], estimate[0]
+    assert "assumed 40% MFU" in estimate[0]
     # printed before training starts
     assert out.index("lmlab estimate:") < out.index("`Trainer.fit` stopped")
     ckpts = tmp_path / "runs" / "quickstart" / "checkpoints"
@@ -80,9 +89,9 @@ def test_known_gpus_use_the_peak_table(monkeypatch):
     assert "8 x NVIDIA H100 80GB HBM3 (peak 989 TFLOP/s bf16)" in est.line()
 
 
-def test_cpu_throughput_is_measured():
-    est = estimate_wall_time(1e12, torch.device("cpu"), "32-true")
-    assert est.source.startswith("CPU (measured ") and "fp32 matmul" in est.source
+def test_cpu_throughput_is_measured_on_the_given_matmul():
+    est = estimate_wall_time(1e12, torch.device("cpu"), "32-true", shape=(256, 64, 128))
+    assert est.source.startswith("CPU (measured ") and est.source.endswith("on a 256x64x128 fp32 matmul)")
     assert 1e8 < est.flops_per_device < 1e14
     assert est.seconds == pytest.approx(1e12 / (est.flops_per_device * 0.4))
 
@@ -94,3 +103,6 @@ def test_training_flops_of_a_fit():
     assert fit_training_flops(module, data, 10) == pytest.approx(training_flops(config, 10 * 8 * 32, 32, "palm"))
     assert fit_training_flops(module, data, -1) is None
     assert fit_training_flops(types.SimpleNamespace(), data, 10) is None
+    assert fit_matmul_shape(module, data) == (8 * 32, 32, config.hidden_dim)
+    big = types.SimpleNamespace(schedule=BatchSchedule(512), seq_len=1024)
+    assert fit_matmul_shape(module, big)[0] == 8192  # timed rows capped
