@@ -194,11 +194,14 @@ class WallTimeEstimate:
         """The training FLOPs that take ``seconds`` on this hardware."""
         return seconds * self.flops_per_device * self.devices * self.mfu
 
-    def line(self, suggest_budget: bool = False) -> str:
+    def line(self, budget_compute: Optional[float] = None) -> str:
+        """The estimate as one console line; a run sized by ``budget.compute`` that takes over an hour also gets
+        the budget that takes about ten minutes (scaled in proportion: ``budget.compute`` counts 6 N D, while
+        the estimate counts every FLOP, embeddings and attention included)."""
         text = (f"lmlab estimate: C={self.flops:.3e} FLOPs on {self.devices} x {self.source} at an assumed "
                 f"{self.mfu:.0%} MFU -> about {format_duration(self.seconds)} of training (data preparation not included)")
-        if suggest_budget and self.seconds > 3600:
-            text += f"; about 10 min here: --budget.compute={self.compute_for(600):.1e}"
+        if budget_compute and self.seconds > 3600:
+            text += f"; about 10 min here: --budget.compute={float(budget_compute) * 600 / self.seconds:.1e}"
         return text
 
 

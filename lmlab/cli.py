@@ -127,8 +127,7 @@ def _lightning_cli_class():
             shape = fit_matmul_shape(self.model, self.datamodule)
             estimate = estimate_wall_time(flops, device, trainer.precision, trainer.num_devices * trainer.num_nodes, shape)
             cfg = self.config[self.subcommand]
-            budgeted = (cfg.get("budget") or {}).get("compute") is not None
-            print(estimate.line(suggest_budget=budgeted), flush=True)
+            print(estimate.line((cfg.get("budget") or {}).get("compute")), flush=True)
 
         def _parse_ckpt_path(self) -> None:
             from lmlab.fit_checks import names_a_file, read_checkpoint

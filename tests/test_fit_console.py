@@ -71,9 +71,10 @@ def test_wall_time_arithmetic_and_line():
     line = est.line()
     assert line == ("lmlab estimate: C=1.000e+15 FLOPs on 2 x Test GPU (peak 1 TFLOP/s bf16) at an assumed 40% MFU "
                     "-> about 21 min of training (data preparation not included)")
-    assert "--budget.compute" not in est.line(suggest_budget=True)  # under an hour: no suggestion
-    long = WallTimeEstimate(flops=1e18, flops_per_device=1e12, devices=1, source="CPU")
-    assert long.line(suggest_budget=True).endswith("about 10 min here: --budget.compute=2.4e+14")
+    assert "--budget.compute" not in est.line(budget_compute=1e15)  # under an hour: no suggestion
+    long = WallTimeEstimate(flops=1e18, flops_per_device=1e12, devices=1, source="CPU")  # 2.5e6 s
+    assert "--budget.compute" not in long.line()  # not a budgeted run
+    assert long.line(budget_compute=1e17).endswith("about 10 min here: --budget.compute=2.4e+13")
     assert [format_duration(s) for s in (42, 600, 7200, 3 * 86400)] == ["42 s", "10 min", "2.0 h", "3.0 days"]
 
 
