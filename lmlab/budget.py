@@ -112,6 +112,9 @@ def apply_budget(cfg) -> None:
 #: of the measured rate of the model's own matmul shape) a dense transformer's training step achieves.
 #: Well-tuned GPU runs reach 0.35-0.5.
 ASSUMED_MFU = 0.4
+#: The same on a CPU, where the non-matmul work (cross-entropy over the vocabulary, normalisation, the optimizer,
+#: batching) weighs more: small lmlab runs on CPUs reach about 0.15-0.3 of their matmul's measured rate.
+ASSUMED_CPU_MFU = 0.2
 
 #: Largest number of rows of the timed matmul (one micro-batch's tokens, capped to keep the timing short)
 _MAX_TIMED_ROWS = 8192
@@ -211,7 +214,8 @@ def estimate_wall_time(
     """How long ``flops`` training FLOPs take on ``devices`` x ``device`` (a ``torch.device``); ``shape`` is the
     matmul timed where the device is not in the peak table."""
     per_device, source = device_flops(device, precision, shape)
-    return WallTimeEstimate(float(flops), per_device, max(1, int(devices)), source)
+    mfu = ASSUMED_CPU_MFU if device.type == "cpu" else ASSUMED_MFU
+    return WallTimeEstimate(float(flops), per_device, max(1, int(devices)), source, mfu)
 
 
 def fit_matmul_shape(module, datamodule) -> tuple[int, int, int]:

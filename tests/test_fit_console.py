@@ -10,6 +10,7 @@ import torch
 
 from lmlab import budget
 from lmlab.budget import (
+    ASSUMED_CPU_MFU,
     ASSUMED_MFU,
     WallTimeEstimate,
     estimate_wall_time,
@@ -42,7 +43,7 @@ def test_quickstart_console_is_quiet_and_estimates_first(tmp_path):
     assert len(estimate) == 1, out[-3000:]
     # the quickstart's matmul: 16 x 128 tokens of one batch, d_model 128, SwiGLU hidden 384 (fp32)
     assert "1 x CPU (measured" in estimate[0] and "on a 2048x128x384 fp32 matmul" in estimate[0], estimate[0]
-    assert "assumed 40% MFU" in estimate[0]
+    assert "assumed 20% MFU" in estimate[0]
     # printed before training starts
     assert out.index("lmlab estimate:") < out.index("`Trainer.fit` stopped")
     ckpts = tmp_path / "runs" / "quickstart" / "checkpoints"
@@ -85,7 +86,7 @@ def test_known_gpus_use_the_peak_table(monkeypatch):
     monkeypatch.setattr(hw, "detect_peak_flops", lambda device, precision: hw.lookup_peak_flops("NVIDIA H100 80GB HBM3", precision))
     monkeypatch.setattr(budget, "measure_matmul_flops", lambda *a, **k: pytest.fail("a listed GPU is not measured"))
     est = estimate_wall_time(989e12 * 0.4 * 8 * 3600, torch.device("cuda", 0), "bf16-mixed", devices=8)
-    assert est.flops_per_device == 989e12 and est.devices == 8
+    assert est.flops_per_device == 989e12 and est.devices == 8 and est.mfu == ASSUMED_MFU
     assert est.seconds == pytest.approx(3600)
     assert "8 x NVIDIA H100 80GB HBM3 (peak 989 TFLOP/s bf16)" in est.line()
 
@@ -94,7 +95,8 @@ def test_cpu_throughput_is_measured_on_the_given_matmul():
     est = estimate_wall_time(1e12, torch.device("cpu"), "32-true", shape=(256, 64, 128))
     assert est.source.startswith("CPU (measured ") and est.source.endswith("on a 256x64x128 fp32 matmul)")
     assert 1e8 < est.flops_per_device < 1e14
-    assert est.seconds == pytest.approx(1e12 / (est.flops_per_device * 0.4))
+    assert est.mfu == ASSUMED_CPU_MFU == 0.2
+    assert est.seconds == pytest.approx(1e12 / (est.flops_per_device * 0.2))
 
 
 def test_training_flops_of_a_fit():
