@@ -46,6 +46,9 @@ class WandbLogger(_LightningWandbLogger):
             os.environ.setdefault("WANDB_MODE", "offline")
         os.makedirs(save_dir, exist_ok=True)
         super().__init__(offline=offline, save_dir=save_dir, **kwargs)
+        if self._wandb_init.get("anonymous") is None:
+            # Lightning always passes anonymous=None, and current wandb warns that the setting has no effect
+            self._wandb_init.pop("anonymous", None)
         self._lmlab_offline = offline
 
     def finalize(self, status: str) -> None:

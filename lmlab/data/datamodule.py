@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Optional
 
 import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_info
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
@@ -260,7 +261,8 @@ class PretrainDataModule(pl.LightningDataModule):
         repeated = {k: v for k, v in stats["epochs"].items() if v > 1.0}
         if repeated:
             desc = ", ".join(f"{k} x{v:.2f}" for k, v in repeated.items())
-            warnings.warn(f"sources smaller than their share are repeated over {max_steps} steps: {desc}", stacklevel=2)
+            # expected with small local corpora: one line of information, not a warning with a source line
+            rank_zero_info(f"lmlab data: sources smaller than their share are repeated over {max_steps} steps: {desc}")
 
     def val_dataloader(self) -> list[DataLoader]:
         self.setup()

@@ -17,16 +17,14 @@ import hashlib
 import math
 import json
 import os
-import shutil
-import tempfile
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable
 
 import numpy as np
 from tqdm.auto import tqdm
 
+from lmlab.atomic import staged_dir
 from lmlab.data.sources import SourceConfig, iter_documents
 from lmlab.errors import ConfigError
 
@@ -149,22 +147,12 @@ def build_or_load_cache(
     root = Path(os.path.expanduser(cache_dir))
     final = root / key
     if not (final / "meta.json").exists():
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f"{key}.tmp-", dir=root))
-        try:
+        # replace=False: another process that finished the same cache first keeps its copy (same bytes)
+        with staged_dir(final, replace=False) as tmp:
             meta = {"version": CACHE_VERSION, "dtype": dtype.name, "sources": {}}
             for i, src in enumerate(sources):
                 meta["sources"][src.name] = _tokenize_source(src, i, tokenizer, dtype, val_fraction, seed, tmp)
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-            try:
-                os.replace(tmp, final)
-            except OSError:
-                # another process finished the same cache first; theirs is as good as ours
-                if not (final / "meta.json").exists():
-                    raise
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
     return final, load_cache(final, [s.name for s in sources])
 
 

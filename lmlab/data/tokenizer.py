@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Iterable, Optional
 
 import numpy as np
 
+from lmlab.atomic import staged_dir
 from lmlab.errors import ConfigError
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
@@ -87,16 +87,8 @@ def save_tokenizer(tok, out_dir: str | os.PathLike):
     except ImportError:  # pragma: no cover - chat support is part of the package
         pass
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
-    try:
+    with staged_dir(out_dir) as tmp:
         fast.save_pretrained(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return load_tokenizer(str(out_dir))
 
 

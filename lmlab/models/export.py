@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,6 +32,7 @@ from typing import Any, Literal, Optional
 
 import torch
 
+from lmlab.atomic import atomic_path, staged_dir
 from lmlab.errors import ConfigError
 from lmlab.models.checkpoint import open_checkpoint, tokenizer_record
 
@@ -58,20 +57,8 @@ def atomic_dir(out: Path, overwrite: bool, field: str = "--out") -> Iterator[Pat
     """Yield a fresh temporary directory beside ``out``; on success it replaces ``out``."""
     if out.exists() and not overwrite:
         raise ConfigError(field, f"{out} already exists", "choose another --out or pass --force")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with staged_dir(out) as tmp:
         yield tmp
-        old = None
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 # --- export / import -----------------------------------------------------------------------------
@@ -156,12 +143,6 @@ def import_hf(
         "state_dict": {f"model.{k}": v for k, v in state.items()},
         "lmlab": {"stage": "import", "model_config": {**config.to_dict(), "preset": None}, "source": str(src), **tok_record},
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
+    with atomic_path(out) as tmp:
         torch.save(ckpt, tmp)
-        os.replace(tmp, out)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
     return out

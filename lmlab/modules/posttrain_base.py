@@ -17,7 +17,6 @@ import logging
 import os
 from typing import Any, Optional
 
-import torch
 
 from lmlab.errors import ConfigError
 from lmlab.models.checkpoint import Checkpoint, open_checkpoint

@@ -12,12 +12,12 @@ import argparse
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
 
+from lmlab.atomic import atomic_write_text
 from lmlab.errors import ConfigError
 from lmlab.scaling.bootstrap import check_level
 from lmlab.scaling.chinchilla import bootstrap_allocation, fit_approach1, fit_approach2
@@ -241,19 +241,6 @@ def _law_from_json(path: str) -> ChinchillaLaw:
         raise ConfigError("--fit_json", f"{path} has no approach-3 fit ({exc})", "use `fit --method approach3 --json` output") from None
 
 
-def _write_yaml_atomic(path: Path, text: str) -> None:
-    """Write via a temp file in the same directory and rename, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _run_plan(args: argparse.Namespace) -> int:
     law = _law_from_json(args.fit_json) if args.fit_json else LAWS[args.law]
     plan = plan_compute(args.compute, law, accelerators=args.accelerators, peak_flops=args.peak_flops, mfu=args.mfu)
@@ -279,7 +266,7 @@ def _run_plan(args: argparse.Namespace) -> int:
             f"predicted loss {plan.loss:.4f}; {args.batch_tokens:.0f} tokens/step\n"
         )
         try:
-            _write_yaml_atomic(Path(args.write_config), header + yaml.safe_dump(fragment, sort_keys=False))
+            atomic_write_text(Path(args.write_config), header + yaml.safe_dump(fragment, sort_keys=False))
         except OSError as exc:
             raise ConfigError("--write_config", f"cannot write {args.write_config}: {exc.strerror}", "pass a writable path") from None
     if args.json:

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -31,6 +29,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from lmlab.atomic import atomic_write_text
 from lmlab.errors import ConfigError
 from lmlab.scaling.bootstrap import check_level
 from lmlab.scaling.powerlaw import fit_power_law
@@ -224,13 +223,4 @@ def write_rule_yaml(rule: LRRule, path: str | Path, n_params: float) -> Path:
     for note in rule.notes:
         lines.append(f"# note: {note}")
     body = yaml.safe_dump({"model": {"init_args": {"settings": {"optimizer": {"lr": float(f"{lr:.4g}")}}}}}, sort_keys=False)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write("\n".join(lines) + "\n" + body)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_text(path, "\n".join(lines) + "\n" + body)

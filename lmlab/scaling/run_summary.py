@@ -42,7 +42,6 @@ import json
 import math
 import os
 import platform
-import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -52,6 +51,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from lmlab.atomic import FileLock, atomic_write_json
 from lmlab.errors import ConfigError
 from lmlab.models.counting import count_params, training_flops
 from lmlab.modules.base import LMModuleBase, RunMetadata
@@ -132,34 +132,12 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Write ``obj`` as JSON via a temp file and rename: readers see the old file or the new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1, allow_nan=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _lock(path: Path):
-    from filelock import FileLock
-
-    return FileLock(str(path) + ".lock")
-
-
 def append_jsonl(path: str | os.PathLike, record: dict) -> None:
     """Append one JSON line under a lock, so concurrent runs never interleave partial lines."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     line = json.dumps(_jsonable(record), allow_nan=False) + "\n"
-    with _lock(path):
+    with FileLock(str(path) + ".lock"):
         with open(path, "a") as f:
             f.write(line)
             f.flush()
@@ -174,7 +152,7 @@ def append_csv(path: str | os.PathLike, record: dict, columns: tuple[str, ...] =
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with _lock(path):
+    with FileLock(str(path) + ".lock"):
         header: list[str] = []
         if path.exists() and path.stat().st_size > 0:
             with open(path, newline="") as f:
@@ -254,7 +232,7 @@ class RunSummary(pl.Callback):
             append_csv(self.csv_file, record)
         target = os.environ.get(RESULT_ENV)
         if target:
-            write_json_atomic(target, _jsonable(record))
+            atomic_write_json(target, _jsonable(record), allow_nan=False)
         self._update_wandb(trainer, record)
         loss = record.get("loss")
         rank_zero_info(

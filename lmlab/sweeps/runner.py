@@ -33,7 +33,6 @@ import random
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -43,6 +42,7 @@ from typing import Any, Optional
 import numpy as np
 import yaml
 
+from lmlab.atomic import atomic_write_text
 from lmlab.errors import ConfigError
 from lmlab.scaling.run_summary import CSV_COLUMNS, RESULT_ENV, append_jsonl
 from lmlab.sweeps.macros import expand_command, uses_macro
@@ -434,7 +434,4 @@ def write_results_csv(jsonl: Path, out: Path, param_names: list[str]) -> None:
         row = {k: r.get(k) for k in columns}
         row.update({f"param:{k}": v for k, v in (r.get("params") or {}).items()})
         writer.writerow({k: "" if v is None else v for k, v in row.items()})
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(buf.getvalue())
-    os.replace(tmp, out)
+    atomic_write_text(out, buf.getvalue())

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from lmlab.errors import ConfigError
-from lmlab.scaling.run_summary import write_json_atomic
+from lmlab.atomic import FileLock, LockHeld, atomic_write_json
 from lmlab.sweeps.spec import SweepSpec
 
 STATE_FILE = "sweep.json"
@@ -139,18 +139,16 @@ class SweepState:
             "updated_at": now(),
             "runs": [asdict(r) for r in self.runs],
         }
-        write_json_atomic(self.path, data)
+        atomic_write_json(self.path, data, allow_nan=False)
 
     def lock(self):
         """An exclusive lock on the directory (non-blocking: a second runner fails at once)."""
-        from filelock import FileLock, Timeout
-
         self.directory.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(str(self.directory / ".lock"))
+        lock = FileLock(self.directory / ".lock")
         try:
             lock.acquire(timeout=0)
-        except Timeout:
-            raise ConfigError("--state", f"another `lmlab sweep run` is using {self.directory}", "wait for it, or pass another --state") from None
+        except LockHeld as e:
+            raise ConfigError("--state", f"another `lmlab sweep run` (process {e.pid}) is using {self.directory}", "wait for it, or pass another --state") from None
         return lock
 
     # -- queries ----------------------------------------------------------------------

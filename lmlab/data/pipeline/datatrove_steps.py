@@ -26,7 +26,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-from lmlab.data.pipeline.engine import ShardTask, StageRun, atomic_write_bytes, shard_name
+from lmlab.atomic import atomic_write_bytes
+from lmlab.data.pipeline.engine import ShardTask, StageRun, shard_name
 from lmlab.errors import ConfigError
 
 try:

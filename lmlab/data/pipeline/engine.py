@@ -32,11 +32,12 @@ import multiprocessing as mp
 import os
 import shutil
 import sys
-import tempfile
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
+
+from lmlab.atomic import atomic_write_bytes, atomic_write_json, publish_dir
 
 #: Bumped when a stage's output format or semantics change, so old caches are not reused.
 ENGINE_VERSION = "1"
@@ -57,22 +58,9 @@ def stable_hash(*parts: Any) -> str:
 # -- atomic, deterministic file writing ---------------------------------------------
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same directory and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True, default=_json_default) + "\n").encode())
+def write_stage_json(path: Path, obj: Any) -> None:
+    """A stage's JSON side file (sorted keys, numpy scalars as numbers), written atomically."""
+    atomic_write_json(path, obj, sort_keys=True, default=_json_default)
 
 
 def _json_default(o: Any) -> Any:
@@ -218,13 +206,9 @@ class StageStore:
             "stats": merge_stats(shard_stats),
             **(extra or {}),
         }
-        atomic_write_json(partial / "done.json", done)
+        write_stage_json(partial / "done.json", done)
         final = self.final_dir(stage, source)
-        if final.exists():
-            trash = final.with_name(final.name + f".old-{os.getpid()}")
-            os.replace(final, trash)
-            shutil.rmtree(trash, ignore_errors=True)
-        os.replace(partial, final)
+        publish_dir(partial, final)
         return StageResult(stage, source, final, done, computed=True)
 
 
@@ -315,7 +299,7 @@ class StageRun:
 
 def finish_shard(task: ShardTask, stats: dict) -> dict:
     """Write the stats sidecar that marks shard ``task.index`` complete."""
-    atomic_write_json(task.out_dir / f"{shard_name(task.index)}.stats.json", stats)
+    write_stage_json(task.out_dir / f"{shard_name(task.index)}.stats.json", stats)
     return stats
 
 

@@ -22,12 +22,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from lmlab.atomic import staged_dir
 from lmlab.data.packing import _MIN_DOCS_FOR_DOC_SPLIT, CACHE_VERSION, _is_val_doc
 from lmlab.data.pipeline._hashing import mix64
 from lmlab.data.pipeline.config import PrepareConfig
@@ -70,9 +69,7 @@ def pack(
                 return final, meta, False
         except (OSError, ValueError):
             pass
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix="tokens.tmp-", dir=out))
-    try:
+    with staged_dir(final) as tmp:
         meta = {
             "version": CACHE_VERSION,
             "dtype": np.dtype(dtype).name,
@@ -86,14 +83,6 @@ def pack(
         for s in cfg.sources:
             meta["sources"][s.name] = _write_source(cfg, s.name, tokenized[s.name], selection[s.name], tmp, dtype)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        if final.exists():
-            trash = out / f"tokens.old-{os.getpid()}"
-            os.replace(final, trash)
-            shutil.rmtree(trash, ignore_errors=True)
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return final, meta, True
 
 

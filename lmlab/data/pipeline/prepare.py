@@ -35,6 +35,7 @@ from typing import Iterator
 
 import numpy as np
 
+from lmlab.atomic import FileLock, LockHeld
 from lmlab.data.pipeline.config import PrepareConfig, load_config
 from lmlab.data.pipeline.engine import StageResult, StageStore, read_jsonl_gz, run_stage, stable_hash
 from lmlab.data.pipeline.stages import (
@@ -125,41 +126,18 @@ def prepare(
         return _prepare(cfg, out_dir, nproc, resume, force, executor, progress, log)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 @contextmanager
 def _out_lock(out_dir: Path) -> Iterator[None]:
     """One prepare run per OUT at a time (a second one would race on the partial stages)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    lock = out_dir / ".lock"
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            break
-        except FileExistsError:
-            try:
-                pid = int(lock.read_text().strip() or 0)
-            except (OSError, ValueError):
-                pid = 0
-            if pid and pid != os.getpid() and _pid_alive(pid):
-                raise ConfigError("--out", f"{out_dir} is being prepared by process {pid}", "wait for it, or use another --out") from None
-            lock.unlink(missing_ok=True)  # left behind by a run that died
-    else:
-        raise ConfigError("--out", f"cannot lock {out_dir}", f"remove {lock}")
-    os.write(fd, str(os.getpid()).encode())
-    os.close(fd)
+    lock = FileLock(out_dir / ".lock")
+    try:
+        lock.acquire(timeout=0)
+    except LockHeld as e:
+        raise ConfigError("--out", f"{out_dir} is being prepared by process {e.pid}", "wait for it, or use another --out") from None
     try:
         yield
     finally:
-        lock.unlink(missing_ok=True)
+        lock.release()
 
 
 def _prepare(cfg: PrepareConfig, out_dir: Path, nproc: int, resume: bool, force: bool, executor, progress, log) -> PrepareResult:

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from lmlab.data.pipeline.engine import atomic_write_bytes
+from lmlab.atomic import atomic_write_bytes
 
 STAGES = ("read", "collect", "filter", "quality", "dedup", "decontaminate", "final")
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from lmlab.data.pipeline.config import PrepareConfig
-from lmlab.data.pipeline.engine import StageResult, StageStore, atomic_write_json, stable_hash
+from lmlab.data.pipeline.engine import StageResult, StageStore, stable_hash, write_stage_json
 from lmlab.data.pipeline.stages import load_flags, load_minhash
 from lmlab.errors import ConfigError
 
@@ -148,7 +148,7 @@ def global_dedup(
             "near_clusters": clusters,
         },
     }
-    atomic_write_json(path, result)
+    write_stage_json(path, result)
     return result, True
 
 

@@ -32,13 +32,13 @@ from typing import Any, ClassVar, Iterator
 
 import numpy as np
 
+from lmlab.atomic import atomic_write_bytes
 from lmlab.data.pipeline.config import PrepareConfig, PrepSource
 from lmlab.data.pipeline.engine import (
     ENGINE_VERSION,
     ShardTask,
     StageResult,
     StageRun,
-    atomic_write_bytes,
     encode_jsonl_gz,
     finish_shard,
     read_jsonl_gz,

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from lmlab.atomic import atomic_path
 from lmlab.eval.compare.ratings import DEFAULT_ANCHOR, rate
 from lmlab.eval.compare.schema import CHOICES, CRITERIA, Judgment, outcomes_for
 from lmlab.eval.results import atomic_write_json
@@ -120,15 +120,9 @@ def plot_ratings(report: dict[str, Any], path: str | os.PathLike) -> Path | None
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=110)
     finally:
         plt.close(fig)
     return path
