@@ -22,7 +22,7 @@ TRAINER_VERBS = ("fit", "validate", "test", "predict")
 #: verb -> (module, function taking argv and returning an exit code, one-line help)
 EXTRA_VERBS: dict[str, tuple[str, str, str]] = {
     "tokenizer": ("lmlab.data.tokenizer_cli", "main", "train or inspect a byte-level BPE tokenizer"),
-    "data": ("lmlab.data.pipeline.cli", "main", "prepare a mixture: filter, dedup, decontaminate, tokenize"),
+    "data": ("lmlab.data.prepare.cli", "main", "prepare a mixture: filter, dedup, decontaminate, tokenize"),
     "scaling": ("lmlab.scaling.cli", "main", "fit scaling laws and plan compute-optimal runs"),
     "sweep": ("lmlab.sweeps.cli", "main", "run a W&B sweep YAML offline"),
     "eval": ("lmlab.eval.cli", "main", "evaluate a checkpoint on downstream tasks"),

@@ -84,7 +84,7 @@ def test_a_run_checkpoint_carries_config_weights_metadata_and_tokenizer(run):
     assert tok(text)["input_ids"] == orig(text)["input_ids"]
     assert tok.chat_template == orig.chat_template and tok.chat_template
     assert tok.eos_token == orig.eos_token and tok.pad_token == orig.pad_token
-    from lmlab.data.posttrain_datamodules import tokenizer_info
+    from lmlab.data.posttrain.datamodules import tokenizer_info
 
     assert ck.tokenizer_info == tokenizer_info(orig)
     # and the model it builds is the trained one

@@ -326,7 +326,7 @@ def test_cli_jsonl_mode(tmp_path, capsys):
 
 def test_reward_scorer_from_checkpoint(tmp_path):
     torch = pytest.importorskip("torch")
-    from lmlab.data.verifiable import build_char_tokenizer
+    from lmlab.data.posttrain.verifiable import build_char_tokenizer
     from lmlab.eval.compare.judges import load_reward_scorer
     from lmlab.models import ScalarModel, TransformerConfig
 

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from lmlab.data import PretrainDataModule, SourceConfig, TokenizerTrainConfig
-from lmlab.data.datamodule import MixtureBatches
-from lmlab.data.mixture import MixtureSampler
-from lmlab.data.packing import build_or_load_cache
-from lmlab.data.sources import iter_documents
+from lmlab.data.pretrain.datamodule import MixtureBatches
+from lmlab.data.pretrain.mixture import MixtureSampler
+from lmlab.data.pretrain.packing import build_or_load_cache
+from lmlab.data.pretrain.sources import iter_documents
 from lmlab.data.tokenizer import SPECIAL_TOKENS, load_tokenizer, token_byte_lengths, train_bpe
 from lmlab.errors import ConfigError
 
@@ -279,7 +279,7 @@ def test_invalid_utf8_is_replaced_and_counted_in_fit_sources(tmp_path, caplog):
     (tmp_path / "j" / "a.jsonl").write_bytes(b'{"text": "caf\xe9 ok"}\n{"text": "clean"}\n{"text": "\xff\xfe end"}\n')
     (tmp_path / "t").mkdir()
     (tmp_path / "t" / "a.txt").write_bytes(b"It was \xe9t\xe9 then.\r\nNext line.\n")
-    with caplog.at_level("WARNING", logger="lmlab.data.sources"):
+    with caplog.at_level("WARNING", logger="lmlab.data.pretrain.sources"):
         docs = list(iter_documents(SourceConfig("web", path=str(tmp_path / "j"))))
         books = list(iter_documents(SourceConfig("books", path=str(tmp_path / "t"))))
     assert docs == ["caf\ufffd ok", "clean", "\ufffd\ufffd end"]
@@ -292,10 +292,10 @@ def test_invalid_utf8_is_replaced_and_counted_in_fit_sources(tmp_path, caplog):
 def test_fit_and_prepare_read_the_same_documents_and_fail_the_same_way(tmp_path):
     from collections import Counter
 
-    from lmlab.data.pipeline.config import PrepSource
-    from lmlab.data.pipeline.normalize import NormalizeConfig, Normalizer
-    from lmlab.data.pipeline.readers import SkipLog, iter_raw_records, record_to_document
-    from lmlab.data.pipeline.selection import check_text_fields
+    from lmlab.data.prepare.config import PrepSource
+    from lmlab.data.prepare.normalize import NormalizeConfig, Normalizer
+    from lmlab.data.prepare.readers import SkipLog, iter_raw_records, record_to_document
+    from lmlab.data.prepare.selection import check_text_fields
     from lmlab.data.textread import TextFieldTally
 
     _jsonl(tmp_path / "a.jsonl", [{"body": f"document {i}", "id": i} for i in range(10)])

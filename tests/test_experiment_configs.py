@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lmlab.data.pipeline.config import load_config
+from lmlab.data.prepare.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 PREPARE_YAMLS = [

@@ -9,7 +9,7 @@ import torch
 
 from helpers import web_texts, write_corpus
 from lmlab.cli import main as lmlab_main
-from lmlab.data.chat import CHAT_TEMPLATE
+from lmlab.data.posttrain.chat import CHAT_TEMPLATE
 from lmlab.data.tokenizer import train_bpe
 from lmlab.errors import ConfigError
 from lmlab.models import CausalLM, TransformerConfig, generate

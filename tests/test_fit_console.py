@@ -18,7 +18,7 @@ from lmlab.scaling.budget import (
     fit_training_flops,
     format_duration,
 )
-from lmlab.data.batching import BatchSchedule
+from lmlab.data.pretrain.batching import BatchSchedule
 from lmlab.models.config import TransformerConfig
 from lmlab.models.counting import training_flops
 from test_cli import REPO, run_cli

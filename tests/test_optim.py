@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from lmlab.data.batching import BatchSchedule
+from lmlab.data.pretrain.batching import BatchSchedule
 from lmlab.distributed.hooks import clip_grad_norm
 from lmlab.errors import ConfigError
 from lmlab.models import CausalLM, TransformerConfig

@@ -160,7 +160,7 @@ def test_mixture_validation_splits_are_scored_per_source(corpus):
     assert out["all"].bytes == sum(p.bytes for p in parts)
     assert all(p.documents <= 5 and p.tokens > 0 for p in parts)
     # the scored bytes are the ones the validation stream's tokens stand for
-    from lmlab.data.packing import build_or_load_cache
+    from lmlab.data.pretrain.packing import build_or_load_cache
 
     _, streams = build_or_load_cache(sources, tok, root / "cache", 0.05, 7)
     nbytes = token_byte_lengths(tok)

@@ -8,14 +8,14 @@ import logging
 import pytest
 import torch
 
-from lmlab.data.chat import (
+from lmlab.data.posttrain.chat import (
     CHAT_TEMPLATE,
     IGNORE_INDEX,
     build_sft_example,
     format_chat,
     stop_token_ids,
 )
-from lmlab.data.posttrain import (
+from lmlab.data.posttrain.records import (
     SkipReport,
     build_preference_example,
     collate_preferences,
@@ -30,7 +30,7 @@ from lmlab.data.posttrain import (
     tokenize_prompts,
     tokenize_sft,
 )
-from lmlab.data.verifiable import (
+from lmlab.data.posttrain.verifiable import (
     AdditionTask,
     ReversalTask,
     answer_for,
@@ -142,7 +142,7 @@ def test_sft_reader_normalises_formats_and_skips_bad_records(tmp_path, caplog, t
         {"prompt": "Say nothing", "completion": "   "},
         {"prompt": "x" * 400, "completion": "long prompt"},
     ])
-    with caplog.at_level(logging.WARNING, logger="lmlab.data.posttrain"):
+    with caplog.at_level(logging.WARNING, logger="lmlab.data.posttrain.records"):
         convs, report = read_sft(pc, tokenizer=tok, max_prompt_tokens=100)
     assert convs == [{"messages": [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "hi"}]}]
     assert report.counts == {"empty_response": 1, "prompt_too_long": 1}

@@ -9,8 +9,8 @@ from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 import pytest
 import torch
 
-from lmlab.data.chat import END
-from lmlab.data.posttrain_datamodules import PromptDataModule, VerifiableData, load_posttrain_tokenizer, tokenizer_info
+from lmlab.data.posttrain.chat import END
+from lmlab.data.posttrain.datamodules import PromptDataModule, VerifiableData, load_posttrain_tokenizer, tokenizer_info
 from lmlab.errors import ConfigError
 from lmlab.models import TransformerConfig
 from lmlab.models.checkpoint import open_checkpoint
@@ -183,7 +183,7 @@ def test_bad_settings_are_config_errors(ckpts):
     with pytest.raises(ConfigError, match="exactly one"):
         make_ppo(ckpts, reward_fn=None)
     with pytest.raises(ConfigError, match="model.reward_fn"):
-        make_ppo(ckpts, reward_fn="lmlab.data.verifiable.no_such_function")
+        make_ppo(ckpts, reward_fn="lmlab.data.posttrain.verifiable.no_such_function")
     with pytest.raises(ConfigError, match="temperature"):
         make_ppo(ckpts, rollout=RolloutConfig(temperature=0.0))
     with pytest.raises(ConfigError, match="value_init"):

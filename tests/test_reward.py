@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmlab.data.chat import IGNORE_INDEX
-from lmlab.data.posttrain_datamodules import PreferenceDataModule, VerifiableData, load_posttrain_tokenizer
+from lmlab.data.posttrain.chat import IGNORE_INDEX
+from lmlab.data.posttrain.datamodules import PreferenceDataModule, VerifiableData, load_posttrain_tokenizer
 from lmlab.errors import ConfigError
 from lmlab.models import TransformerConfig, left_pad
 from lmlab.modules.optim import OptimizerConfig, ScheduleConfig, TrainingSettings

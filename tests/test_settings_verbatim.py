@@ -8,7 +8,7 @@ from typing import Any, Optional, Union
 import pytest
 import yaml
 
-from lmlab.data.pipeline.config import load_config
+from lmlab.data.prepare.config import load_config
 from lmlab.errors import ConfigError
 from lmlab.settings import read_settings
 

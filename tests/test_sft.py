@@ -9,9 +9,9 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from lmlab.data.chat import IGNORE_INDEX
-from lmlab.data.posttrain import collate_sft, pack_sft
-from lmlab.data.posttrain_datamodules import SFTDataModule, VerifiableData, load_posttrain_tokenizer, tokenizer_info
+from lmlab.data.posttrain.chat import IGNORE_INDEX
+from lmlab.data.posttrain.records import collate_sft, pack_sft
+from lmlab.data.posttrain.datamodules import SFTDataModule, VerifiableData, load_posttrain_tokenizer, tokenizer_info
 from lmlab.errors import ConfigError
 from lmlab.models import TransformerConfig
 from lmlab.modules.optim import OptimizerConfig, ScheduleConfig, TrainingSettings

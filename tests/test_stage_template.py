@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmlab.data.posttrain_datamodules import PromptDataModule, SFTDataModule, VerifiableData
+from lmlab.data.posttrain.datamodules import PromptDataModule, SFTDataModule, VerifiableData
 from lmlab.errors import ConfigError
 from lmlab.models import TransformerConfig
 from lmlab.modules.base import add_up, split_batch

@@ -9,13 +9,13 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "PretrainDataModule": "lmlab.data.datamodule",
-    "SourceConfig": "lmlab.data.sources",
+    "PretrainDataModule": "lmlab.data.pretrain.datamodule",
+    "SourceConfig": "lmlab.data.pretrain.sources",
     "TokenizerTrainConfig": "lmlab.data.tokenizer",
-    "SFTDataModule": "lmlab.data.posttrain_datamodules",
-    "PreferenceDataModule": "lmlab.data.posttrain_datamodules",
-    "PromptDataModule": "lmlab.data.posttrain_datamodules",
-    "VerifiableData": "lmlab.data.posttrain_datamodules",
+    "SFTDataModule": "lmlab.data.posttrain.datamodules",
+    "PreferenceDataModule": "lmlab.data.posttrain.datamodules",
+    "PromptDataModule": "lmlab.data.posttrain.datamodules",
+    "VerifiableData": "lmlab.data.posttrain.datamodules",
 }
 
 __all__ = list(_EXPORTS)

@@ -81,7 +81,7 @@ def save_tokenizer(tok, out_dir: str | os.PathLike):
         additional_special_tokens=ROLE_TOKENS,
     )
     try:
-        from lmlab.data.chat import install_chat_template
+        from lmlab.data.posttrain.chat import install_chat_template
 
         install_chat_template(fast)
     except ImportError:  # pragma: no cover - chat support is part of the package

@@ -7,8 +7,8 @@ import sys
 import time
 from typing import Optional
 
-from lmlab.data.datamodule import train_tokenizer_on_mixture
-from lmlab.data.sources import SourceConfig, iter_documents, validate_sources
+from lmlab.data.pretrain.datamodule import train_tokenizer_on_mixture
+from lmlab.data.pretrain.sources import SourceConfig, iter_documents, validate_sources
 from lmlab.data.tokenizer import TokenizerTrainConfig, load_tokenizer, token_byte_lengths
 from lmlab.errors import ConfigError
 from lmlab.verbs import positional, run

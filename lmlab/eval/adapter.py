@@ -300,7 +300,7 @@ def _find_stop(text: str, stop: list[str]) -> Optional[int]:
 
 
 def _stop_token_ids(tokenizer: Any) -> list[int]:
-    from lmlab.data.chat import stop_token_ids
+    from lmlab.data.posttrain.chat import stop_token_ids
 
     try:
         return stop_token_ids(tokenizer)

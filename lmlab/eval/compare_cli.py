@@ -211,7 +211,7 @@ def _cut(text: str, stop: Sequence[str]) -> str:
 
 
 def _render_chat(prompt: Any) -> str:
-    from lmlab.data.chat import format_chat
+    from lmlab.data.posttrain.chat import format_chat
 
     return format_chat(prompt.as_messages(), add_generation_prompt=True)
 

@@ -35,7 +35,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from lmlab.data.sources import SourceConfig
+from lmlab.data.pretrain.sources import SourceConfig
 from lmlab.errors import ConfigError
 from lmlab.eval.adapter import check_tokenizer, score_continuations
 from lmlab.eval.batching import run_length_sorted
@@ -201,7 +201,7 @@ def score_documents(
 
 
 def _documents(source: SourceConfig | Sequence[str] | str, max_documents: Optional[int]) -> Iterator[str]:
-    from lmlab.data.sources import iter_documents
+    from lmlab.data.pretrain.sources import iter_documents
 
     if isinstance(source, SourceConfig):
         texts: Iterable[str] = iter_documents(source)
@@ -279,8 +279,8 @@ def mixture_perplexity(
     and tokenizer give the same cached streams); documents are scored with
     the sliding window.
     """
-    from lmlab.data.packing import build_or_load_cache
-    from lmlab.data.sources import validate_sources
+    from lmlab.data.pretrain.packing import build_or_load_cache
+    from lmlab.data.pretrain.sources import validate_sources
     from lmlab.data.tokenizer import token_byte_lengths
 
     check_tokenizer(tokenizer, model.config.vocab_size)
@@ -314,7 +314,7 @@ def experiment_mixture(config_path: str | os.PathLike) -> dict[str, Any]:
 
     The YAML is read as ``lmlab fit`` reads it, so the data module's defaults fill what it leaves out.
     """
-    from lmlab.data.sources import SourceConfig as Src
+    from lmlab.data.pretrain.sources import SourceConfig as Src
     from lmlab.training_config import init_args, load_training_config
 
     data = init_args(load_training_config([config_path], budget=False).get("data"))

@@ -97,7 +97,7 @@ class Checkpoint:
         if self.meta.get("tokenizer"):
             return dict(self.meta["tokenizer"])
         if self._tokenizer_info is None and self.path.is_dir() and _has_tokenizer(self.path):
-            from lmlab.data.posttrain_datamodules import tokenizer_info
+            from lmlab.data.posttrain.datamodules import tokenizer_info
 
             try:
                 self._tokenizer_info = tokenizer_info(self.tokenizer())
@@ -276,7 +276,7 @@ def tokenizer_record(tokenizer: Any) -> dict[str, Any]:
     (``{file name: text}``, special tokens and chat template included), so
     eval, export and ``init_from`` need no ``--tokenizer`` wherever the file goes.
     """
-    from lmlab.data.posttrain_datamodules import tokenizer_info
+    from lmlab.data.posttrain.datamodules import tokenizer_info
     from lmlab.data.tokenizer import tokenizer_files
 
     record: dict[str, Any] = {"tokenizer": tokenizer_info(tokenizer)}

@@ -444,7 +444,7 @@ def save_hf(
                               "give the tokenizer the model was trained with")
         ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                    pad_token_id=tokenizer.pad_token_id)
-        from lmlab.data.chat import END
+        from lmlab.data.posttrain.chat import END
 
         end = tokenizer.convert_tokens_to_ids(END) if END in tokenizer.get_vocab() else None
         stop = [i for i in (tokenizer.eos_token_id, end) if i is not None]

@@ -34,7 +34,7 @@ class PretrainData(StageData, Protocol):
     """Token windows of a pretraining mixture."""
 
     seq_len: int
-    schedule: Any  # lmlab.data.batching.BatchSchedule: samples per optimizer step
+    schedule: Any  # lmlab.data.pretrain.batching.BatchSchedule: samples per optimizer step
 
     @property
     def eos_id(self) -> Optional[int]: ...

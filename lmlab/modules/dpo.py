@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 import torch
 
-from lmlab.data.chat import IGNORE_INDEX
+from lmlab.data.posttrain.chat import IGNORE_INDEX
 from lmlab.errors import ConfigError
 from lmlab.models.checkpoint import open_checkpoint
 from lmlab.models.config import TransformerConfig
@@ -135,7 +135,7 @@ class DPOModule(PostTrainModuleBase):
             return
         dm = self.trainer.datamodule  # setup already checked it against PreferenceData
         if dm is None:
-            raise ConfigError("model.precompute_reference", "needs a PreferenceDataModule", "use lmlab.data.posttrain_datamodules.PreferenceDataModule")
+            raise ConfigError("model.precompute_reference", "needs a PreferenceDataModule", "use lmlab.data.posttrain.datamodules.PreferenceDataModule")
         dm.setup("fit")
         collate = dm._collate()
         # this can take minutes on a large set: show progress wherever the trainer shows its own

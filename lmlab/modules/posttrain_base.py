@@ -53,7 +53,7 @@ def read_checkpoint_meta(path: str | os.PathLike | Checkpoint, field: str = "mod
 
 
 def check_tokenizer_match(expected: Optional[dict], found: Optional[dict], field: str, what: str) -> None:
-    """Raise ``ConfigError`` when two tokenizer records (see :func:`~lmlab.data.posttrain_datamodules.tokenizer_info`) differ."""
+    """Raise ``ConfigError`` when two tokenizer records (see :func:`~lmlab.data.posttrain.datamodules.tokenizer_info`) differ."""
     if not expected or not found:
         return
     if int(expected.get("vocab_size", -1)) != int(found.get("vocab_size", -1)) or expected.get("fingerprint") != found.get("fingerprint"):

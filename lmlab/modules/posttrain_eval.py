@@ -11,8 +11,8 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from lmlab.data.chat import stop_token_ids
-from lmlab.data.posttrain import build_prompt_example
+from lmlab.data.posttrain.chat import stop_token_ids
+from lmlab.data.posttrain.records import build_prompt_example
 from lmlab.models.generation import generate, left_pad
 from lmlab.models.heads import CausalLM, ScalarModel
 from lmlab.modules.reward import score_sequences

@@ -195,7 +195,7 @@ def load_callable(path: str, field_name: str) -> Callable[..., Any]:
     if not sep:
         module_name, _, attr = path.rpartition(".")
     if not module_name or not attr:
-        raise ConfigError(field_name, f"{path!r} is not a dotted path to a function", "use e.g. lmlab.data.verifiable.reward")
+        raise ConfigError(field_name, f"{path!r} is not a dotted path to a function", "use e.g. lmlab.data.posttrain.verifiable.reward")
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
@@ -257,7 +257,7 @@ class PPOModule(PostTrainModuleBase):
     Networks: the policy (``init_from``: an SFT checkpoint), a frozen copy
     as the reference (or ``ref_model``), the reward — a frozen reward model
     (``reward_model``, a RewardModule checkpoint) *or* a Python callable
-    (``reward_fn``, e.g. ``lmlab.data.verifiable.reward``) — and a value
+    (``reward_fn``, e.g. ``lmlab.data.posttrain.verifiable.reward``) — and a value
     model whose backbone starts from the reward model or the policy, with its
     own zero-initialised head. One AdamW optimizer updates policy and value.
 
@@ -402,7 +402,7 @@ class PPOModule(PostTrainModuleBase):
     def _validate_settings(self, reward_model, reward_fn, value_init) -> None:
         if bool(reward_model) == bool(reward_fn):
             raise ConfigError("model.reward_model", "give exactly one of model.reward_model and model.reward_fn",
-                              "name a reward-model checkpoint or a dotted path like lmlab.data.verifiable.reward")
+                              "name a reward-model checkpoint or a dotted path like lmlab.data.posttrain.verifiable.reward")
         if value_init == "reward" and not reward_model:
             raise ConfigError("model.value_init", "'reward' needs model.reward_model", "use value_init: policy with a reward function")
         r, p, k = self.rollout_cfg, self.ppo_cfg, self.kl_cfg

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from lmlab.data.chat import IGNORE_INDEX
+from lmlab.data.posttrain.chat import IGNORE_INDEX
 from lmlab.models.counting import flops_per_token
 from lmlab.models.heads import CausalLM
 from lmlab.modules.base import StepResult, add_up

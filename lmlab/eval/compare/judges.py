@@ -131,7 +131,7 @@ def load_reward_scorer(path: str | Path, tokenizer: Any = None, device: str | No
     """
     import torch
 
-    from lmlab.data.chat import tokenize_chat
+    from lmlab.data.posttrain.chat import tokenize_chat
     from lmlab.models.checkpoint import open_checkpoint
 
     ckpt = open_checkpoint(path, "--reward_model")

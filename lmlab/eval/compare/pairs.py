@@ -50,7 +50,7 @@ class Prompt:
         return "\n\n".join(f"{role.capitalize()}: {content}" for role, content in self.messages)
 
     def as_messages(self) -> list[dict[str, str]]:
-        """``[{role, content}]`` for :func:`lmlab.data.chat.format_chat`."""
+        """``[{role, content}]`` for :func:`lmlab.data.posttrain.chat.format_chat`."""
         return [{"role": r, "content": c} for r, c in self.messages]
 
 
@@ -91,7 +91,7 @@ def parse_prompt(record: Any, where: str) -> Prompt:
     if isinstance(body, str):
         messages = (("user", body),)
     elif isinstance(body, Sequence) and body and all(isinstance(m, Mapping) for m in body):
-        # checked here rather than with lmlab.data.chat, whose package pulls in Lightning
+        # checked here rather than with lmlab.data.posttrain.chat, whose package pulls in Lightning
         for i, m in enumerate(body):
             if m.get("role") not in _ROLES or not isinstance(m.get("content"), str):
                 raise ConfigError(f"{where}[{i}]", "a message needs a role (system, user or assistant) and string content", 'write {"role": "user", "content": "..."}')

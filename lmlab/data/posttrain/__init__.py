@@ -1,0 +1,1 @@
+"""Post-training data: chat format, instruction/preference/prompt records, verifiable tasks and their DataModules."""

@@ -1,0 +1,1 @@
+"""Pretraining streams: sources, token packing cache, mixture sampling, batch schedule and ``PretrainDataModule``."""
