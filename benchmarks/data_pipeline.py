@@ -6,9 +6,9 @@ article-extraction benchmark's gold article bodies) and ``shared/data/books``
 normalised (timed as its own row); all stacks then see the same normalised text.
 
 Rows:
-- ``normalize``: :class:`lmlab.data.pipeline.Normalizer`;
+- ``normalize``: :class:`lmlab.data.prepare.Normalizer`;
 - ``filters (lmlab)``: Gopher repetition + Gopher quality + C4 + FineWeb
-  (:func:`lmlab.data.pipeline.default_stack`);
+  (:func:`lmlab.data.prepare.default_stack`);
 - ``filters (datatrove)``: datatrove's ``GopherRepetitionFilter``,
   ``GopherQualityFilter``, ``C4QualityFilter`` and ``FineWebQualityFilter`` with
   their default settings, in the same order (as in datatrove's FineWeb
@@ -49,7 +49,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from lmlab.data.pipeline import (  # noqa: E402
+from lmlab.data.prepare import (  # noqa: E402
     ContaminationIndex,
     Normalizer,
     decontaminate,

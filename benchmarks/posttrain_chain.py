@@ -142,7 +142,7 @@ def run_stage(stage: str, s: ChainSettings) -> float:
 
 
 def _task(s: ChainSettings):
-    from lmlab.data.posttrain_datamodules import VerifiableData
+    from lmlab.data.posttrain.datamodules import VerifiableData
 
     args = {**TASK_ARGS[s.task], **s.task_args}
     return VerifiableData(**args, seed=0)
@@ -150,7 +150,7 @@ def _task(s: ChainSettings):
 
 def rm_pairwise_accuracy(rm, s: ChainSettings) -> float:
     """Share of held-out (correct, wrong) pairs the reward model ranks right."""
-    from lmlab.data.posttrain_datamodules import PreferenceDataModule
+    from lmlab.data.posttrain.datamodules import PreferenceDataModule
     from lmlab.modules.reward import score_sequences
 
     data = _task(s)
@@ -166,8 +166,8 @@ def rm_pairwise_accuracy(rm, s: ChainSettings) -> float:
 
 def evaluate(s: ChainSettings) -> dict[str, Any]:
     """Score the fresh model, the SFT policy and both PPO policies on held-out prompts."""
-    from lmlab.data.posttrain_datamodules import load_posttrain_tokenizer
-    from lmlab.data.verifiable import exact_match, reward
+    from lmlab.data.posttrain.datamodules import load_posttrain_tokenizer
+    from lmlab.data.posttrain.verifiable import exact_match, reward
     from lmlab.models.heads import CausalLM
     from lmlab.models.checkpoint import open_checkpoint
     from lmlab.modules.posttrain_eval import policy_report
