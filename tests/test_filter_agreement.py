@@ -95,3 +95,30 @@ def test_c4_leaves_datatrove_text(decisions):
     assert len(both) > 100
     same = sum(ref_text == text for ref_text, text in both)
     assert same / len(both) >= MIN_AGREEMENT
+
+
+@pytest.mark.shared_data
+def test_benchmark_prints_no_ratio_when_datatrove_cannot_run(shared_data, monkeypatch, capsys):
+    """benchmarks/data_pipeline.py compares against datatrove only when datatrove really ran."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "data_pipeline.py"
+    spec = importlib.util.spec_from_file_location("data_pipeline_benchmark", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    for name in [m for m in sys.modules if m == "datatrove" or m.startswith("datatrove.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "datatrove", None)  # import datatrove -> ImportError
+    import os
+
+    cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    try:
+        rc = bench.main(["--data", str(shared_data), "--sources", "web", "--max-mb", "0.1"])
+    finally:
+        if cores is not None:
+            os.sched_setaffinity(0, cores)  # the benchmark pins itself to one core
+    out, err = capsys.readouterr()
+    assert rc == 1
+    assert "throughput ratio" not in out and "datatrove cannot run" in err and "no throughput ratio" in err
