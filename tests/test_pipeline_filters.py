@@ -418,3 +418,41 @@ def test_vectorised_repetition_matches_brute_force():
         assert GopherRepetitionFilter()(doc(text)) == (expected is None, expected), text[:200]
         outcomes.add(expected)
     assert len(outcomes) >= 5  # the trials exercise several different rules
+
+
+# ------------------------------------------------------------- datatrove's word tokens
+# Expected tokens and sentence counts are datatrove 0.10.1's (spaCy 3.8 English tokenizer) on the same text.
+
+
+@pytest.mark.parametrize(
+    "text, tokens",
+    [
+        ("Hello, world.", ["Hello", ",", "world", "."]),
+        ("(see e.g. Mr. Smith's U.S. office)", ["(", "see", "e.g.", "Mr.", "Smith", "'s", "U.S.", "office", ")"]),
+        ("I don't know; it's well-known", ["I", "do", "n't", "know", ";", "it", "'s", "well", "-", "known"]),
+        ("dont Im 9am 10km 5% $5", ["do", "nt", "I", "m", "9", "am", "10", "km", "5", "%", "$", "5"]),
+        ("end.Start abc.def ABC. A. 3.5 1/2 a/b", ["end", ".", "Start", "abc.def", "ABC", ".", "A.", "3.5", "1/2", "a", "/", "b"]),
+        ("http://www.x.com/a/b. a-b.com :) wait... #tag", ["http://www.x.com/a/b", ".", "a-b.com", ":)", "wait", "...", "#", "tag"]),
+        ("line one\n\tline two", ["line", "one", "line", "two"]),
+    ],
+)
+def test_reference_word_tokens(text, tokens):
+    from lmlab.data.pipeline.filters.words import words
+
+    assert words(text) == tokens
+
+
+@pytest.mark.parametrize(
+    "text, n",
+    [
+        ("One sentence here.", 1),
+        ("Mr. Smith went to Washington. He stayed.", 2),
+        ("It costs 3.5 dollars! Really? Yes.", 3),
+        ('He said "stop." Then he left.', 2),
+        ("", 0),
+    ],
+)
+def test_reference_sentence_counts(text, n):
+    from lmlab.data.pipeline.filters.words import count_sentences
+
+    assert count_sentences(text) == n

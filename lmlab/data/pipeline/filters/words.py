@@ -11,7 +11,8 @@ emoticons whole and splits contractions ("don't" -> "do", "n't"). Sentences
 the following non-punctuation token.
 
 :func:`words` follows those rules with plain string operations and compiled
-regexes (no spaCy, no model), about 20 times faster than the spaCy pipeline.
+regexes (no spaCy, no model), several times faster than the spaCy pipeline
+datatrove runs (7x on the DCLM pages).
 Its special-case table covers the common English abbreviations and
 contractions, not spaCy's full list, so rare forms can tokenise differently;
 how often that changes a filter's decision is measured in
@@ -57,7 +58,6 @@ _SUFFIX_RES = (
     re.compile(r"(?<=[0-9])(?:US\$|C\$|A\$|[" + _cls(_CURRENCY) + "])$"),
     re.compile(r"(?<=[0-9])(?:" + _UNITS + r")$"),
 )
-_WORD_CHAR_RE = re.compile(r"[^\W_]")
 
 _INFIX_RE = re.compile(
     r"\.\.+|…"
@@ -177,10 +177,6 @@ def _find_prefix(s: str) -> int:
     return 0
 
 
-def _is_lower(ch: str) -> bool:
-    return ch.islower()
-
-
 def _find_suffix(s: str) -> int:
     best = 0
     start = len(s)
@@ -190,7 +186,7 @@ def _find_suffix(s: str) -> int:
             start, best = m.start(), m.end() - m.start()
     if s.endswith(".") and len(s) >= 2 and start > len(s) - 1:
         prev = s[-2]
-        if not prev.isalpha() or _is_lower(prev) or (len(s) >= 3 and prev.isupper() and s[-3].isupper()):
+        if not prev.isalpha() or prev.islower() or (len(s) >= 3 and prev.isupper() and s[-3].isupper()):
             start, best = len(s) - 1, 1
     if _is_icon(s[-1]) and len(s) - 1 < start:
         start, best = len(s) - 1, 1
