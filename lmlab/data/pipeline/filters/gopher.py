@@ -85,7 +85,7 @@ class GopherQualityParams:
             raise ConfigError(
                 "gopher_quality.alpha_word_split",
                 f"unknown value {self.alpha_word_split!r}",
-                "use 'edge_punctuation' or 'whitespace'",
+                "use 'reference' (datatrove's word tokens) or 'whitespace'",
             )
         check_positive("gopher_quality.min_words", self.min_words, allow_zero=True)
         check_positive("gopher_quality.max_words", self.max_words)
