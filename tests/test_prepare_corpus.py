@@ -37,7 +37,9 @@ EVAL_QUESTIONS = [
     "A train leaves the station at noon and travels sixty miles every hour for three hours how far from the station is the train at three",
 ]
 JUNK = [
-    "Click here. Buy now.",
+    # too few words, but long enough for the repetition rules (which, as in datatrove, count an n-gram seen once)
+    "Click here to subscribe to our newsletter. Buy now and get free shipping on every order over fifty dollars. "
+    "Limited time offer, while stocks last. Sign up today for exclusive member deals.",
     "### $$$ @@@ ### $$$ @@@ ### $$$ @@@ %%% ^^^ &&& *** ### $$$ @@@ ### $$$ @@@ ### $$$ @@@ %%% ^^^ &&& ***",
     "home | about | contact | login | register | cart | search | menu | help | faq | terms",
 ]
@@ -69,6 +71,11 @@ def scrambled(rng: random.Random, text: str) -> str:
     return "\n\n".join(" ".join(mix(w) for w in para.split(" ")) for para in text.split("\n\n"))
 
 
+def _upper_first_paragraph(text: str) -> str:
+    first, sep, rest = text.partition("\n\n")
+    return first.upper() + sep + rest
+
+
 def _jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
@@ -79,7 +86,9 @@ def write_mixture(root: Path, seed: int = 0, n_web: int = 48) -> dict[str, Path]
     root.mkdir(parents=True, exist_ok=True)
     web = [{"id": f"w{i}", "text": prose(rng)} for i in range(n_web)]
     planted = [
-        {"id": "w-exact", "text": "  " + web[3]["text"].upper().replace(" ", "   ") + "  "},  # same after normalisation
+        # same after normalisation (case, spaces); only the first paragraph is upper-cased because the
+        # Gopher stop-word rule, as in datatrove, needs lower-case "the", "and", ... somewhere
+        {"id": "w-exact", "text": "  " + _upper_first_paragraph(web[3]["text"]).replace(" ", "   ") + "  "},
         {"id": "w-near", "text": web[5]["text"] + " " + sentence(rng)},
         {"id": "w-gibberish-0", "text": scrambled(rng, prose(rng))},
         {"id": "w-gibberish-1", "text": scrambled(rng, prose(rng))},

@@ -61,7 +61,9 @@ def _sentences(words: list[str], per_line: int = 10) -> str:
 
 
 GQ_CASES = {
-    "too_few_words": "The cat sat on the mat and that was the end of it.",
+    # long enough for the repetition rules (which, as in datatrove, count an n-gram seen once)
+    "too_few_words": "The cat sat on the mat and that was the end of it. Then the dog came in from the garden, "
+    "looked around the kitchen for a while, and went back out to sleep under the old apple tree.",
     "too_many_words": " ".join(["the"] * 100_001),
     "short_mean_word_length": _sentences(["to", "be", "or", "it", "is", "an", "ox", "of", "the", "and"] * 7),
     "long_mean_word_length": _sentences(["internationalization", "the", "of", "counterrevolutionaries", "with"] * 14),
@@ -219,7 +221,8 @@ def test_fineweb_rules(reason):
 
 def test_fineweb_paper_vs_datatrove_thresholds():
     text = "\n".join(L + [L[0]])  # one duplicated line: 9.7% of the characters, below 0.1
-    assert FineWebFilter()(doc(text)) == (True, None)
+    assert FineWebFilter(max_dup_line_char_fraction=0.1, max_newline_word_ratio=None)(doc(text)) == (True, None)
+    assert FineWebFilter()(doc(text)) == (False, "dup_line_char_ratio")  # datatrove's default: 0.01
     assert FineWebFilter(max_dup_line_char_fraction=0.01)(doc(text)) == (False, "dup_line_char_ratio")
     listy = "\n".join(f"Entry {i}." for i in range(3)) + "\n" + GOOD
     assert FineWebFilter(max_newline_word_ratio=0.01)(doc(listy)) == (False, "list_ratio")
@@ -372,29 +375,29 @@ def test_lingua_backend_if_installed():
 
 
 def _brute_force_ngram_reason(text: str) -> str | None:
-    """Gopher n-gram rules written with plain loops, same definitions as the filter."""
+    """Gopher n-gram rules written with plain loops and strings, with datatrove's definitions."""
     from collections import Counter
 
-    words = text.split()
-    total = sum(map(len, words))
+    words = text.split()  # the trial texts are words of letters and digits: tokens are whitespace words
+    total = len(text)
     for n, frac in ((2, 0.20), (3, 0.18), (4, 0.16)):
-        grams = Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
-        if len(words) - n + 1 < 2 or not grams:
+        grams = [" ".join(words[i : i + n]) for i in range(len(words) - n + 1)]
+        if not grams:
             continue
-        top = max(grams.values())
-        if top < 2:
-            continue
-        chars = max(sum(map(len, g)) for g, c in grams.items() if c == top)
-        if top * chars / total > frac:
+        gram, count = Counter(grams).most_common(1)[0]
+        if len(gram) * count / total > frac:
             return f"top_{n}_gram"
     for n, frac in ((5, 0.15), (6, 0.14), (7, 0.13), (8, 0.12), (9, 0.11), (10, 0.10)):
-        seen, covered = set(), [False] * len(words)
-        for i in range(len(words) - n + 1):
-            g = tuple(words[i : i + n])
+        seen, repeated, i = set(), 0, 0
+        while i < len(words) - n + 1:
+            g = "".join(words[i : i + n])
             if g in seen:
-                covered[i : i + n] = [True] * n
-            seen.add(g)
-        if sum(len(w) for w, c in zip(words, covered) if c) / total > frac:
+                repeated += len(g)
+                i += n
+            else:
+                seen.add(g)
+                i += 1
+        if repeated / total > frac:
             return f"dup_{n}_grams"
     return None
 
@@ -415,3 +418,41 @@ def test_vectorised_repetition_matches_brute_force():
         assert GopherRepetitionFilter()(doc(text)) == (expected is None, expected), text[:200]
         outcomes.add(expected)
     assert len(outcomes) >= 5  # the trials exercise several different rules
+
+
+# ------------------------------------------------------------- datatrove's word tokens
+# Expected tokens and sentence counts are datatrove 0.10.1's (spaCy 3.8 English tokenizer) on the same text.
+
+
+@pytest.mark.parametrize(
+    "text, tokens",
+    [
+        ("Hello, world.", ["Hello", ",", "world", "."]),
+        ("(see e.g. Mr. Smith's U.S. office)", ["(", "see", "e.g.", "Mr.", "Smith", "'s", "U.S.", "office", ")"]),
+        ("I don't know; it's well-known", ["I", "do", "n't", "know", ";", "it", "'s", "well", "-", "known"]),
+        ("dont Im 9am 10km 5% $5", ["do", "nt", "I", "m", "9", "am", "10", "km", "5", "%", "$", "5"]),
+        ("end.Start abc.def ABC. A. 3.5 1/2 a/b", ["end", ".", "Start", "abc.def", "ABC", ".", "A.", "3.5", "1/2", "a", "/", "b"]),
+        ("http://www.x.com/a/b. a-b.com :) wait... #tag", ["http://www.x.com/a/b", ".", "a-b.com", ":)", "wait", "...", "#", "tag"]),
+        ("line one\n\tline two", ["line", "one", "line", "two"]),
+    ],
+)
+def test_reference_word_tokens(text, tokens):
+    from lmlab.data.prepare.filters.words import words
+
+    assert words(text) == tokens
+
+
+@pytest.mark.parametrize(
+    "text, n",
+    [
+        ("One sentence here.", 1),
+        ("Mr. Smith went to Washington. He stayed.", 2),
+        ("It costs 3.5 dollars! Really? Yes.", 3),
+        ('He said "stop." Then he left.', 2),
+        ("", 0),
+    ],
+)
+def test_reference_sentence_counts(text, n):
+    from lmlab.data.prepare.filters.words import count_sentences
+
+    assert count_sentences(text) == n

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
 import pytest
+import yaml
 
 from lmlab.data.prepare.agreement import (
     accuracy,
@@ -185,3 +187,81 @@ def test_quality_and_stack_agree_with_human_labels(shared_data):
     assert passes.shape == (len(texts), 4)
     assert accuracy(keep, y) >= 0.70
     assert roc_auc(passes.sum(axis=1), y) > 0.7
+
+
+def _labelled_dir(shared_data, tmp_path):
+    d = tmp_path / "labels" / "web"
+    d.mkdir(parents=True)
+    for name in ("dclm_quality_majority_data.jsonl", "dclm_quality_agreement_data.jsonl"):
+        (d / name).symlink_to(shared_data / "web" / name)
+    return d.parent
+
+
+def _small_prepare_config(shared_data, tmp_path, n_web: int = 40) -> str:
+    d = shared_data
+    cfg = {
+        "seed": 1,
+        "shard_docs": 16,
+        "val_fraction": 0.05,
+        "tokenizer_train": {"vocab_size": 300, "sample_chars": 100_000},
+        "sources": [
+            {"name": "web", "weight": 0.7, "path": f"{d}/web/dclm_quality_majority_data.jsonl", "max_documents": n_web},
+            {"name": "reference", "weight": 0.3, "path": f"{d}/reference/wikitext2_valid_tokenized.txt",
+             "split_pattern": "^ = [^=].* = $", "max_documents": 20, "filters": []},
+        ],
+        "quality": {"keep_fraction": 0.8, "apply_to": ["web"], "reference_sources": ["reference"],
+                    "weights": {"perplexity": 0.6, "diversity": 0.3, "safety": 0.1}, "perplexity_range": [200, 20000],
+                    "diversity_window": 50},
+        "dedup": {"exact": False, "near": False},
+        "decontaminate": {"enabled": False},
+        "report": {"wandb": False},
+    }
+    path = tmp_path / "mix.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+@pytest.mark.shared_data
+def test_agreement_scores_pages_as_prepare_does(shared_data, tmp_path):
+    """The agreement tool's score of a page is the score `lmlab data prepare` gives the same page."""
+    from lmlab.data.prepare.agreement import pipeline_scoring
+    from lmlab.data.prepare.prepare import prepare
+
+    config = _small_prepare_config(shared_data, tmp_path)
+    out = tmp_path / "out"
+    prepare(config, out=out, num_proc=1, progress=False)
+    qdir = next(p.parent for p in (out / "stages" / "quality").rglob("scores.npy") if "web" in p.parts)
+    prep_scores = dict(zip(np.load(qdir / "n.npy").tolist(), np.load(qdir / "scores.npy").tolist()))
+    assert len(prep_scores) >= 10
+
+    scoring = pipeline_scoring(config, out=str(out))
+    assert scoring.source == "web" and not scoring.calibrate
+    assert scoring.scorer.weights.as_array().tolist() == [0.6, 0.3, 0.1] and scoring.scorer.diversity_window == 50
+    texts, _ = load_labeled(shared_data / "web" / "dclm_quality_majority_data.jsonl")
+    filtered, keep, _ = scoring.prepare_texts(texts[:40])
+    assert sorted(np.flatnonzero(keep).tolist()) == sorted(prep_scores)  # same filter decisions
+    for n, score in prep_scores.items():
+        assert scoring.scorer.score(filtered[n]) == pytest.approx(score, rel=1e-9, abs=1e-12)
+
+
+@pytest.mark.shared_data
+def test_data_agreement_verb_runs(shared_data, tmp_path, capsys):
+    from lmlab.cli import main
+
+    config = _small_prepare_config(shared_data, tmp_path)
+    labels = _labelled_dir(shared_data, tmp_path)
+    argv = ["data", "agreement", "--config", config, "--data_dir", str(labels), "--out", str(tmp_path / "out"), "--json"]
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["source"] == "web" and report["filters"] == ["gopher_repetition", "gopher_quality", "c4", "fineweb"]
+    assert report["reference"].startswith("bigram model of reference")
+    assert report["config_weights"] == {"perplexity": 0.6, "diversity": 0.3, "safety": 0.1}
+    assert report["perplexity_range"] == [200, 20000] and not report["perplexity_range_calibrated"]
+    rows = {(r["method"], r["file"]): r for r in report["results"]}
+    held = rows[("filter stack (binary)", "agreement, held out (281)")]
+    assert held["n"] == 281 and 0.7 <= held["accuracy"] <= 0.95
+    assert rows[("quality, config weights", "majority-only, tuning (218)")]["roc_auc"] > 0.5
+    # an unknown source is a one-line error naming --source
+    rc = main(["data", "agreement", "--config", config, "--data_dir", str(labels), "--source", "nope"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("lmlab data: error: --source: ")

@@ -70,7 +70,7 @@ def test_fit_approach3_bootstrap_intervals(runs_csv, capsys):
 
 def test_fit_approach2_and_kaplan_json(runs_csv, capsys):
     with pytest.warns(UserWarning):
-        assert main(["fit", str(runs_csv), *COLS, "--method", "approach2", "--budget_col", "budget", "--json"]) == 0
+        assert main(["fit", str(runs_csv), *COLS, "--method", "approach2", "--curve", "parabola", "--budget_col", "budget", "--json"]) == 0
     obj = _json(capsys)
     assert obj["method"] == "approach2" and obj["n_optima"] == 6 and obj["n_points"] == 42
     assert obj["a"] == pytest.approx(LAW.a, abs=0.02) and obj["a"] + obj["b"] == pytest.approx(1.0)
@@ -82,6 +82,14 @@ def test_fit_approach2_and_kaplan_json(runs_csv, capsys):
     assert obj["alpha_N"] > 0 and obj["alpha_D"] > 0
 
 
+def test_fit_help_says_what_window_and_curve_do(capsys):
+    assert main(["fit", "--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--window" in out and "lowest-loss run" in out and "decades" in out
+    assert "--curve" in out and "Akima" in out and "Porian" in out
+    assert "resampled with replacement" in out
+
+
 def test_fit_table_output_and_plot(runs_csv, capsys, tmp_path):
     png = tmp_path / "fit.png"
     with pytest.warns(UserWarning):
@@ -89,6 +97,7 @@ def test_fit_table_output_and_plot(runs_csv, capsys, tmp_path):
     assert rc == 0
     out = capsys.readouterr().out
     assert "approach1" in out and "95% interval" in out and "excluded 1 row(s)" in out
+    assert "95% percentile bootstrap, 50 resamples" in out and "with replacement over all runs" in out
     a_line = next(line for line in out.splitlines() if line.strip().startswith("a "))
     name, value, lo, hi = a_line.split()  # name, value, [lo, hi]
     assert float(lo.strip("[,")) <= float(value) <= float(hi.strip("]"))

@@ -51,6 +51,7 @@ def run(capsys, *argv: str) -> tuple[int, str, str]:
         (["tokenizer", "info"], "Vocabulary, special tokens"),
         (["data", "prepare"], "Prepare a mixture"),
         (["data", "extract-eval"], "Mean token F1"),
+        (["data", "agreement"], "Agreement of a prepare config's filters and quality score"),
     ],
 )
 def test_help_shows_the_docstring_and_the_flags(argv, words, capsys):
@@ -226,6 +227,9 @@ BAD = [
     (["data", "prepare", "--config", PREPARE, "--engine", "spark"], "data", "--engine", "datatrove"),
     (["data", "prepare", "--config", PREPARE, "--num_proc", "two"], "data", "--num_proc", "int"),
     (["data", "extract-eval", "--html", "a"], "data", "--gold", "required"),
+    (["data", "agreement", "--config", PREPARE], "data", "--data_dir", "required"),
+    (["data", "agreement", "--config", PREPARE, "--data_dir", "/nonexistent/d"], "data", "--data_dir", "does not exist"),
+    (["data", "agreement", "--data_dir", "d"], "data", "--config", "required"),
     (["data"], "data", "command", "prepare"),
 ]
 

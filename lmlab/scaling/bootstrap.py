@@ -14,12 +14,17 @@ from lmlab.scaling.results import ScalingData
 
 @dataclass(frozen=True)
 class BootstrapResult:
-    """Refitted parameter values, one per successful resample, keyed by parameter name."""
+    """Refitted parameter values, one per successful resample, keyed by parameter name.
+
+    ``resampled`` says what each resample drew (which rows, with replacement
+    within which groups) and what was refitted; it is printed with the intervals.
+    """
 
     samples: dict[str, np.ndarray]
     n_resamples: int
     n_failed: int
     seed: int | None
+    resampled: str = "runs, with replacement"
 
     def interval(self, name: str, level: float = 0.95) -> tuple[float, float]:
         """Central percentile interval of ``name`` at confidence ``level`` (0.95 -> 2.5th..97.5th)."""
@@ -70,6 +75,7 @@ def bootstrap_loop(
     seed: int | None = 0,
     groups: np.ndarray | None = None,
     min_success: float = 0.5,
+    resampled: str | None = None,
 ) -> BootstrapResult:
     """Refit ``refit`` on ``n_resamples`` resamples of ``data`` (stratified by ``groups`` if given).
 
@@ -102,4 +108,6 @@ def bootstrap_loop(
             "add more points per budget or fit without --bootstrap",
         )
     samples = {k: np.asarray(v) for k, v in collected.items()}
-    return BootstrapResult(samples=samples, n_resamples=n_resamples, n_failed=failed, seed=seed)
+    if resampled is None:
+        resampled = "runs, with replacement" + (" within each group" if groups is not None else " over all runs")
+    return BootstrapResult(samples=samples, n_resamples=n_resamples, n_failed=failed, seed=seed, resampled=resampled)

@@ -50,6 +50,7 @@ def fit(
     seed: int = 0,
     grid: Literal["5400", "4500"] = "5400",
     bins: int = 20,
+    curve: Literal["akima", "parabola"] = "akima",
     window: Optional[float] = None,
     json: bool = False,
     plot: Optional[str] = None,
@@ -67,12 +68,19 @@ def fit(
         compute_col: Training-FLOPs column (default: C = 6ND).
         budget_col: IsoFLOP budget label column (approach2).
         duplicates: Which duplicate (N, D) run to keep.
-        bootstrap: Bootstrap resamples for intervals (0: none).
+        bootstrap: Bootstrap resamples for percentile intervals (0: none). Runs are resampled with
+            replacement: within each IsoFLOP budget (approach2), over all runs (approach1, approach3),
+            or the runs of each law separately (kaplan); the output says which.
         level: Confidence level of the intervals.
         seed: Bootstrap random seed.
         grid: approach3 start grid.
         bins: approach1 compute bins.
-        window: approach2: fit within this many decades of each budget's best N.
+        curve: approach2: how each IsoFLOP budget's minimum is found. akima (default): an Akima
+            spline through the budget's points, minimised on a fine grid (Porian et al. 2024; reproduces
+            their published exponents). parabola: Hoffmann et al.'s quadratic in log N.
+        window: approach2: fit each budget's curve only to the runs within this many decades of N
+            of its lowest-loss run (0.3: from half to twice the best size); unset: all of the budget's
+            runs. With parabola, 0.3 removes most of a global quadratic's bias on asymmetric curves.
         json: Print one JSON object instead of a table.
         plot: Write a plot of the fit to this PNG.
         wandb: Also log the fit and its plot to a W&B run in this project (offline without an API key).
@@ -169,7 +177,7 @@ def _run_fit(args: argparse.Namespace) -> int:
         if args.method == "approach1":
             fit = fit_approach1(data, n_bins=args.bins)
         else:
-            fit = fit_approach2(data, window=args.window)
+            fit = fit_approach2(data, curve=args.curve, window=args.window)
         if args.bootstrap:
             fit = bootstrap_allocation(fit, n_resamples=args.bootstrap, seed=args.seed, level=args.level)
         rows = [("a", fit.a), ("b", fit.b), ("N_coef", fit.n_law.coef), ("D_coef", fit.d_law.coef)]
@@ -201,6 +209,10 @@ def _run_fit(args: argparse.Namespace) -> int:
         return 0
     _print_table(title, rows, fit.intervals, fit.level)
     print(footer)
+    if fit.bootstrap is not None:
+        boot = fit.bootstrap
+        print(f"  intervals: {fit.level:.0%} percentile bootstrap, {boot.n_resamples} resamples "
+              f"({boot.n_failed} failed) of {boot.resampled}")
     if data.excluded:
         print(f"  excluded {len(data.excluded)} row(s): " + "; ".join(f"row {e.row}: {e.reason}" for e in data.excluded[:5]))
     if args.plot:

@@ -81,6 +81,7 @@ class KaplanFit:
             out["intervals"] = {k: [lo, hi] for k, (lo, hi) in self.intervals.items()}
             out["level"] = self.level
             out["n_resamples"] = self.bootstrap.n_resamples
+            out["resampled"] = self.bootstrap.resampled
         return out
 
 
@@ -187,6 +188,10 @@ def bootstrap_kaplan(
     if n_resamples - failed < max(2, n_resamples // 2):
         raise ConfigError("--bootstrap", f"{failed} of {n_resamples} resamples could not be fitted", "add more runs")
     boot = BootstrapResult(
-        samples={k: np.asarray(v) for k, v in samples.items()}, n_resamples=n_resamples, n_failed=failed, seed=seed
+        samples={k: np.asarray(v) for k, v in samples.items()},
+        n_resamples=n_resamples,
+        n_failed=failed,
+        seed=seed,
+        resampled="the runs each law was fitted on (L(N) and L(D) separately), with replacement; both laws refitted",
     )
     return replace(fit, bootstrap=boot, level=level)

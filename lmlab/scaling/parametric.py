@@ -109,6 +109,7 @@ class Approach3Fit:
             out["intervals"] = {k: [lo, hi] for k, (lo, hi) in self.intervals.items()}
             out["level"] = self.level
             out["n_resamples"] = self.bootstrap.n_resamples
+            out["resampled"] = self.bootstrap.resampled
         return out
 
 
@@ -309,7 +310,13 @@ def bootstrap_approach3(
     laws = [law_from_theta(t).as_dict() for t in thetas[ok]]
     names = ("E", "A", "B", "alpha", "beta", "a", "b", "G")
     samples = {k: np.array([d[k] for d in laws]) for k in names}
-    return BootstrapResult(samples=samples, n_resamples=n_resamples, n_failed=int((~ok).sum()), seed=seed)
+    return BootstrapResult(
+        samples=samples,
+        n_resamples=n_resamples,
+        n_failed=int((~ok).sum()),
+        seed=seed,
+        resampled="all runs, with replacement; L(N, D) refitted from the full-data optimum",
+    )
 
 
 def with_bootstrap(fit: Approach3Fit, boot: BootstrapResult, level: float = 0.95) -> Approach3Fit:

@@ -10,40 +10,48 @@ the perplexity calibration and the logistic model on the majority pages that are
 *not* in the agreement file (218 pages), reads the agreement file's texts only
 to exclude them, and evaluates on all three sets.
 
+The score measured is the one ``lmlab data prepare`` applies for a given
+prepare config (:func:`pipeline_scoring`): the pages are normalised with the
+config's ``normalize`` settings and run through the filter stack of the source
+quality selection applies to (``--source``); the reference perplexity comes
+from the config's ``quality`` section, i.e. a bigram model fitted on the
+config's ``reference_sources`` as collected by prepare (the same cached
+``collect`` stage under ``OUT/stages``) or its ``reference_model`` checkpoint;
+weights, ``diversity_window``, ``max_unsafe_rate`` and ``perplexity_range``
+are the config's. As in prepare, an unset ``perplexity_range`` is calibrated on
+the documents being scored (here: the tuning pages), and a page is scored on
+the text the filters leave (C4 removes lines).
+
 Metrics: accuracy of keep/drop decisions and ROC AUC of a score (the
 probability that a random "keep" document outscores a random "drop" one, ties
 counting half). For the filter stack the binary decision is itself a score
 (its AUC equals balanced accuracy); the "soft" score is the number of filters
 passed.
 
-Run ``python -m lmlab.data.prepare.agreement DATA_DIR`` for the table.
+Run ``lmlab data agreement --config experiments/data/shared_mix.yaml --data_dir DIR``
+for the table (DIR holds ``web/dclm_quality_*.jsonl``).
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import os
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from scipy.optimize import minimize
 from scipy.stats import rankdata
 
 from lmlab.data.prepare.filters import FilterStack, default_stack
-from lmlab.data.prepare.quality import (
-    BigramReferenceModel,
-    QualityScorer,
-    QualityWeights,
-    read_wikitext,
-)
+from lmlab.data.prepare.quality import QualityScorer, QualityWeights
 from lmlab.errors import ConfigError
 
 TUNING_FILE = "web/dclm_quality_majority_data.jsonl"
 HELDOUT_FILE = "web/dclm_quality_agreement_data.jsonl"
-REFERENCE_FILES = ("reference/wikitext2_valid_tokenized.txt", "reference/wikitext2_test_tokenized.txt")
 
 
 def load_labeled(path: str | Path) -> tuple[list[str], np.ndarray]:
@@ -174,7 +182,110 @@ def _result(method: str, file: str, pred: np.ndarray, score: np.ndarray, y: np.n
     return AgreementResult(method, file, len(y), accuracy(pred, y), roc_auc(score, y), float(np.mean(pred)))
 
 
-def agreement_report(data_dir: str | Path) -> dict:
+@dataclass
+class PipelineScoring:
+    """What ``lmlab data prepare`` applies to one source: normaliser, filter stack and quality scorer."""
+
+    source: str
+    normalize: Callable[[dict], dict]
+    stack_factory: Callable[[], FilterStack]
+    scorer: QualityScorer
+    reference: str
+    calibrate: bool
+
+    def prepare_texts(self, texts: Sequence[str]) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """Normalised, filtered texts (the text prepare would score), stack decisions and per-filter passes."""
+        stack = self.stack_factory()
+        out: list[str] = []
+        keep = np.zeros(len(texts), dtype=bool)
+        passes = np.zeros((len(texts), len(stack.filters)), dtype=np.float64)
+        for i, text in enumerate(texts):
+            doc = self.normalize({"text": text})
+            verdicts = stack.explain(doc)
+            passes[i] = [v[0] for v in verdicts.values()]
+            keep[i] = bool(passes[i].all())
+            if keep[i]:
+                stack(doc)  # applies the text rewrites (C4 line removal) the kept document gets
+            out.append(doc["text"])
+        return out, keep, passes
+
+
+def pipeline_scoring(
+    config: Any,
+    source: str | None = None,
+    out: str | None = None,
+    num_proc: int | None = None,
+    log: Callable[[str], None] | None = None,
+) -> PipelineScoring:
+    """The normaliser, filter stack and quality scorer ``lmlab data prepare`` uses for ``source``.
+
+    ``config`` is a prepare YAML path or a :class:`PrepareConfig`. ``source``
+    defaults to the first source quality selection applies to. The bigram
+    reference model is fitted on the config's reference sources as prepare's
+    ``collect`` stage leaves them (that stage is run, or reused from its cache
+    under ``OUT/stages``).
+    """
+    from lmlab.data.prepare.config import PrepareConfig, load_config
+    from lmlab.data.prepare.engine import StageStore, run_stage
+    from lmlab.data.prepare.normalize import Normalizer
+    from lmlab.data.prepare.prepare import _out_lock
+    from lmlab.data.prepare.quality import scorer_from_config
+    from lmlab.data.prepare.stages import CollectStage, ReferenceSpec
+
+    cfg = config if isinstance(config, PrepareConfig) else load_config(config)
+    q = cfg.quality
+    if not q.enabled:
+        raise ConfigError("quality.enabled", "is false: prepare applies no quality score", "enable quality scoring in the config")
+    names = [s.name for s in cfg.sources]
+    if source is None:
+        applies = [s for s in cfg.sources if cfg.quality_applies(s)]
+        if not applies:
+            raise ConfigError("--source", "quality selection applies to no source of the config", "name a source with --source")
+        src = applies[0]
+    elif source not in names:
+        raise ConfigError("--source", f"no source {source!r} in the config", f"use one of: {', '.join(names)}")
+    else:
+        src = cfg.sources[names.index(source)]
+    if cfg.filter_stack(src) is None:
+        raise ConfigError(f"sources[{names.index(src.name)}].filters", "the source has no filters", "compare a source with filters")
+    stack_factory = lambda: cfg.filter_stack(src)  # noqa: E731
+
+    collected = {}
+    if not q.reference_model:
+        refs = [(i, s) for i, s in enumerate(cfg.sources) if s.name in (q.reference_sources or [])]
+        if not refs:
+            raise ConfigError(
+                "quality.reference_sources", "names no source of the config", "name the clean sources the bigram model is fitted on"
+            )
+        out_dir = Path(os.path.expanduser(str(out or cfg.out or ".lmlab_cache/prepared/mix")))
+        nproc = int(num_proc or cfg.num_proc or min(4, os.cpu_count() or 1))
+        with _out_lock(out_dir):
+            store = StageStore(out_dir / "stages")
+            for i, s in refs:
+                collected[s.name] = run_stage(store, CollectStage(cfg, s, i).as_run(), nproc, progress=False)
+                if log:
+                    log(f"reference source {s.name}: {collected[s.name].path}")
+    reference = ReferenceSpec.from_config(cfg, collected)
+    settings = {"weights": q.weights, "diversity_window": q.diversity_window, "max_unsafe_rate": q.max_unsafe_rate}
+    if q.perplexity_range is not None:
+        settings["perplexity_range"] = q.perplexity_range
+    scorer = scorer_from_config(settings, reference.perplexity_fn())
+    described = (
+        f"checkpoint {q.reference_model}"
+        if q.reference_model
+        else f"bigram model of {', '.join(collected)} (max {q.reference_max_chars:,} chars)"
+    )
+    return PipelineScoring(
+        source=src.name,
+        normalize=Normalizer(cfg.normalize),
+        stack_factory=stack_factory,
+        scorer=scorer,
+        reference=described,
+        calibrate=q.perplexity_range is None,
+    )
+
+
+def agreement_report(data_dir: str | Path, scoring: PipelineScoring) -> dict:
     """Tune on majority-minus-agreement pages, evaluate on all sets; see the module docstring."""
     data_dir = Path(data_dir)
     maj_x, maj_y = load_labeled(data_dir / TUNING_FILE)
@@ -182,22 +293,20 @@ def agreement_report(data_dir: str | Path) -> dict:
     held_out = set(test_x)
     tune_idx = np.array([i for i, t in enumerate(maj_x) if t not in held_out], dtype=np.int64)
     tune_x, tune_y = [maj_x[i] for i in tune_idx], maj_y[tune_idx]
-    ref = [p for f in REFERENCE_FILES for p in read_wikitext(data_dir / f)]
-    model = BigramReferenceModel.fit(ref)
-    scorer = QualityScorer(model).calibrate(tune_x)
     files = {
         f"majority, all ({len(maj_x)})": (maj_x, maj_y),
         f"majority-only, tuning ({len(tune_x)})": (tune_x, tune_y),
         f"agreement, held out ({len(test_x)})": (test_x, test_y),
     }
-    feats = {}
-    for name, (x, _) in files.items():
-        keep, passes = stack_outputs(x)
-        feats[name] = (keep, passes, scorer.terms_matrix(x))
+    prepared = {name: scoring.prepare_texts(x) for name, (x, _) in files.items()}
+    scorer = scoring.scorer
+    if scoring.calibrate:
+        scorer.calibrate(prepared[f"majority-only, tuning ({len(tune_x)})"][0])
+    feats = {name: (keep, passes, scorer.terms_matrix(texts)) for name, (texts, keep, passes) in prepared.items()}
 
     _, tp, tt = feats[f"majority-only, tuning ({len(tune_x)})"]
-    default_w = scorer.weights.as_array()
-    default_t, _ = best_threshold(tt @ default_w, tune_y)
+    config_w = scorer.weights.as_array()
+    config_t, _ = best_threshold(tt @ config_w, tune_y)
     ppl_t, _ = best_threshold(tt[:, 0], tune_y)
     grid_w, grid_t, _ = tune_weights_grid(tt, tune_y)
     logit = fit_logistic(np.hstack([tt, tp]), tune_y)
@@ -210,8 +319,8 @@ def agreement_report(data_dir: str | Path) -> dict:
         keep, passes, terms = feats[name]
         results.append(_result("filter stack (binary)", name, keep, keep.astype(float), y))
         results.append(_result("filter stack (soft: filters passed)", name, keep, passes.sum(axis=1), y))
-        s = terms @ default_w
-        results.append(_result("quality, default weights", name, s >= default_t, s, y))
+        s = terms @ config_w
+        results.append(_result("quality, config weights", name, s >= config_t, s, y))
         s = terms @ grid_w.as_array()
         results.append(_result("quality, grid-tuned weights", name, s >= grid_t, s, y))
         s = terms[:, 0]
@@ -220,14 +329,18 @@ def agreement_report(data_dir: str | Path) -> dict:
         results.append(_result("logistic(quality terms + filter passes)", name, p >= logit_t, p, y))
     return {
         "results": [asdict(r) for r in results],
+        "source": scoring.source,
+        "reference": scoring.reference,
+        "filters": [f.name for f in scoring.stack_factory().filters],
         "n_tuning": len(tune_x),
         "perplexity_range": [scorer.norm.lo, scorer.norm.hi],
-        "default_weights": asdict(QualityWeights()),
-        "default_threshold": default_t,
+        "perplexity_range_calibrated": scoring.calibrate,
+        "config_weights": asdict(scorer.weights),
+        "config_threshold": config_t,
         "grid_weights": asdict(grid_w),
         "grid_threshold": grid_t,
         "logistic": {
-            "features": ["perplexity", "diversity", "safety"] + [f"pass_{f.name}" for f in default_stack().filters],
+            "features": ["perplexity", "diversity", "safety"] + [f"pass_{f.name}" for f in scoring.stack_factory().filters],
             "coef_standardised": [round(float(c), 4) for c in logit.coef],
             "intercept": round(logit.intercept, 4),
             "threshold": round(logit_t, 4),
@@ -236,25 +349,27 @@ def agreement_report(data_dir: str | Path) -> dict:
 
 
 def format_report(report: dict) -> str:
-    lines = [f"{'method':42s} {'file':30s} {'n':>4s} {'acc':>6s} {'auc':>6s} {'kept':>6s}"]
+    lines = [
+        f"source {report['source']}: filters {', '.join(report['filters'])}; reference perplexity: {report['reference']}",
+        f"{'method':42s} {'file':30s} {'n':>4s} {'acc':>6s} {'auc':>6s} {'kept':>6s}",
+    ]
     for r in report["results"]:
         lines.append(
             f"{r['method']:42s} {r['file']:30s} {r['n']:4d} {r['accuracy']:6.3f} {r['roc_auc']:6.3f} {r['kept_fraction']:6.3f}"
         )
-    lines.append(f"perplexity range (lo, hi): {report['perplexity_range'][0]:.0f}, {report['perplexity_range'][1]:.0f}")
+    how = "calibrated on the tuning pages" if report["perplexity_range_calibrated"] else "from the config"
+    lines.append(f"perplexity range (lo, hi): {report['perplexity_range'][0]:.0f}, {report['perplexity_range'][1]:.0f} ({how})")
+    lines.append(f"config weights: {report['config_weights']}, threshold {report['config_threshold']:.4f}")
     lines.append(f"grid weights: {report['grid_weights']}, threshold {report['grid_threshold']:.4f}")
     lines.append(f"logistic: {report['logistic']}")
     return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if len(argv) != 1:
-        print("usage: python -m lmlab.data.prepare.agreement DATA_DIR  (the folder holding the DCLM annotation files)",
-              file=sys.stderr)
-        return 2
-    print(format_report(agreement_report(Path(argv[0]))))
-    return 0
+    """``python -m lmlab.data.prepare.agreement ...`` is ``lmlab data agreement ...``."""
+    from lmlab.data.prepare.cli import main as data_main
+
+    return data_main(["agreement", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -1,10 +1,11 @@
-"""``lmlab data``: prepare a training mixture, or measure HTML extraction quality.
+"""``lmlab data``: prepare a training mixture, or measure HTML extraction quality and filter/quality agreement.
 
 Usage::
 
     lmlab data prepare --config experiments/data/shared_mix.yaml [--num_proc N] [--out DIR] [--resume]
                        [--force] [--engine local|datatrove|slurm] [--tasks N] [--workers K] [--max_documents N]
     lmlab data extract-eval --html PAGES.tar --gold GOLD.json
+    lmlab data agreement --config experiments/data/shared_mix.yaml --data_dir DIR [--source NAME] [--json]
 
 ``prepare`` prints the summary table of ``OUT/report/report.md`` and the
 ``data`` section of a training YAML that reads the result.
@@ -68,10 +69,50 @@ def extract_eval(html: str, gold: str) -> int:
     return 0
 
 
+def agreement(
+    config: str,
+    data_dir: str,
+    source: Optional[str] = None,
+    out: Optional[str] = None,
+    num_proc: Optional[int] = None,
+    json: bool = False,
+) -> int:
+    """Agreement of a prepare config's filters and quality score with human keep/drop labels.
+
+    Scores the DCLM human-labelled pages exactly as `lmlab data prepare` would for the config:
+    its normalisation, the filter stack of SOURCE, and its quality settings (the bigram model of
+    its reference sources, collected by prepare's cached collect stage, or its reference_model
+    checkpoint; its weights, diversity window, unsafe rate and perplexity range). Thresholds and
+    tuned weights are fitted on the majority-vote pages that are not in the held-out agreement
+    file, then accuracy and ROC AUC are reported on every file.
+
+    Args:
+        config: Prepare YAML (experiments/data/*.yaml) whose filters and quality settings are measured.
+        data_dir: Folder holding web/dclm_quality_majority_data.jsonl and web/dclm_quality_agreement_data.jsonl.
+        source: Source whose filter stack is used (default: the first source quality selection applies to).
+        out: Prepare output directory whose stage cache holds the collected reference sources (default: the config's out).
+        num_proc: Worker processes for collecting the reference sources.
+        json: Print one JSON object instead of the table.
+    """
+    import json as json_module
+    from pathlib import Path
+
+    from lmlab.data.prepare.agreement import HELDOUT_FILE, TUNING_FILE, agreement_report, format_report, pipeline_scoring
+
+    for rel in (TUNING_FILE, HELDOUT_FILE):
+        if not (Path(data_dir) / rel).is_file():
+            raise ConfigError("--data_dir", f"{Path(data_dir) / rel} does not exist", "give the folder holding web/dclm_quality_*.jsonl")
+    log = None if json else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    scoring = pipeline_scoring(config, source=source, out=out, num_proc=num_proc, log=log)
+    report = agreement_report(data_dir, scoring)
+    print(json_module.dumps(report) if json else format_report(report))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``lmlab data``; returns the exit code."""
     return run("lmlab data", {"_help": "Data pipeline: filter, dedup, decontaminate, tokenize.",
-                              "prepare": prepare, "extract-eval": extract_eval}, argv)
+                              "prepare": prepare, "extract-eval": extract_eval, "agreement": agreement}, argv)
 
 
 def _prepare(args: argparse.Namespace) -> int:

@@ -36,7 +36,8 @@ class DocStats:
 
     Views: ``lines`` (split on ``\\n``), ``nonempty_lines``, ``paragraphs`` (split
     on blank lines), ``words`` (split on whitespace, as in Gopher), ``lower``,
-    ``word_lengths``, ``word_hashes`` and ``ngram_hashes(n)``. A ``DocStats`` is
+    ``word_lengths``, ``word_hashes`` and ``ngram_hashes(n)``; ``ref_words`` and
+its hashes are the word tokens of datatrove's English tokenizer (Gopher rules). A ``DocStats`` is
     tied to one string: when a filter rewrites the text, the stack builds a new
     one.
     """
@@ -44,6 +45,7 @@ class DocStats:
     def __init__(self, text: str):
         self.text = text
         self._ngrams: dict[int, np.ndarray] = {}
+        self._ref_ngrams: dict[int, np.ndarray] = {}
 
     @classmethod
     def of(cls, doc: Mapping[str, Any] | str) -> "DocStats":
@@ -103,6 +105,48 @@ class DocStats:
     @cached_property
     def word_hashes(self) -> np.ndarray:
         return token_hashes(self.words)
+
+    @cached_property
+    def ref_words_by_line(self) -> list[list[str]]:
+        """:attr:`ref_words` of each line of ``text.splitlines()`` (tokens never span lines)."""
+        from lmlab.data.prepare.filters.words import words
+
+        return [words(line) for line in self.text.splitlines()]
+
+    @cached_property
+    def ref_words(self) -> list[str]:
+        """English word tokens as datatrove's filters count them (:func:`~lmlab.data.prepare.filters.words.words`)."""
+        return [w for line in self.ref_words_by_line for w in line]
+
+    @cached_property
+    def ref_joined(self) -> str:
+        """:attr:`ref_words` joined by newlines (no token contains one), for whole-list regex counts."""
+        return "\n".join(self.ref_words)
+
+    @cached_property
+    def ref_word_lengths(self) -> np.ndarray:
+        if not self.ref_words:
+            return np.zeros(0, dtype=np.int64)
+        # token lengths from the separator positions, without a Python call per token
+        codes = np.frombuffer(self.ref_joined.encode("utf-32-le"), dtype=np.uint32)
+        ends = np.append(np.flatnonzero(codes == 10), len(codes))
+        return np.diff(np.concatenate(([-1], ends))).astype(np.int64) - 1
+
+    @cached_property
+    def ref_word_hashes(self) -> np.ndarray:
+        return token_hashes(self.ref_words)
+
+    def ref_ngram_hashes(self, n: int) -> np.ndarray:
+        """Unmixed hashes of the n-grams of :attr:`ref_words` (equal n-grams, equal hashes)."""
+        grams = self._ref_ngrams
+        if n not in grams:
+            if not grams:
+                grams[1] = self.ref_word_hashes
+            k = max(grams)
+            while k < n:
+                grams[k + 1] = extend_ngrams(grams[k], self.ref_word_hashes, k)
+                k += 1
+        return grams[n]
 
     @cached_property
     def tokens(self) -> list[str]:

@@ -1,7 +1,9 @@
 """Heuristic document filters: Gopher, C4, FineWeb, code, language, and stacks of them.
 
 Every filter is ``filter(doc) -> (keep, reason)`` with its thresholds in a
-``Params`` dataclass whose defaults are the published values. Build stacks with
+``Params`` dataclass whose defaults are the published values (for Gopher, C4
+and FineWeb: those of datatrove's reference implementations, whose keep/drop
+decisions these filters reproduce; see each module). Build stacks with
 :class:`FilterStack` (or :func:`default_stack` / :class:`SourceRouter` for the
 usual prose-vs-code split).
 """

@@ -8,14 +8,19 @@ most replications. We default to the implementation's values (5 sentences,
 3 words per line) because they define the dataset people compare against; set
 ``min_sentences=3, min_words_per_line=5`` for the paper's wording.
 
-Also as in the reference implementation: lines with a word over 1000 characters
-are dropped, Wikipedia-style citation markers are removed, lines ending in an
-ellipsis do not count as terminated, and "lorem ipsum" / "{" drop the page when
-they occur in a line that survived the line rules. Sentences are counted with a
-regex (terminal punctuation followed by whitespace or end of line) instead of
-NLTK Punkt; it over-counts abbreviations such as "Mr." slightly. The bad-words
-page rule is not implemented here (its word list is an external download); see
-the safety term in :mod:`lmlab.data.prepare.quality`.
+The definitions follow datatrove's ``C4QualityFilter`` (the implementation
+FineWeb used), so the two make the same keep/drop decision and leave the same
+text (measured in ``tests/test_filter_agreement.py``): lines are
+``str.splitlines``, stripped; lines with a word over 1000 characters are
+dropped, Wikipedia-style citation markers ("[12]", "[edit]", "[citation
+needed]") are removed, a line must end in ``. ? ! " '`` and not in an ellipsis,
+and "lorem ipsum" / "{" drop the page when they occur in a line that survived
+the line rules. Sentences of the kept lines are counted as datatrove's English
+sentence splitter counts them (a sentence ends at a "." "!" or "?" token, see
+:func:`lmlab.data.prepare.filters.words.count_sentences`), so "Mr. Smith" or
+"3.5" do not end one. The bad-words page rule is not implemented here (its
+word list is an external download); see the safety term in
+:mod:`lmlab.data.prepare.quality`.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import re
 from dataclasses import dataclass
 
 from lmlab.data.prepare.filters.base import DocumentFilter, FilterResult, check_positive
+from lmlab.data.prepare.filters.words import count_sentences, count_sentences_in
 from lmlab.data.prepare.stats import DocStats
 
 C4_POLICY_SUBSTRINGS = (
@@ -34,8 +40,7 @@ C4_POLICY_SUBSTRINGS = (
     "use of cookies",
     "use cookies",
 )
-_CITATION_RE = re.compile(r"\[\d*\]|\[edit\]|\[citation needed\]", re.IGNORECASE)
-_SENTENCE_END_RE = re.compile(r"[.!?]+[\"'”’)\]]*(?=\s|$)")
+_CITATION_RE = re.compile(r"\[\d*\]|\[edit\]|\[citation needed\]")
 
 
 @dataclass
@@ -45,7 +50,7 @@ class C4Params:
     min_words_per_line: int | None = 3
     min_sentences: int | None = 5
     require_terminal_punctuation: bool = True
-    terminal_punctuation: tuple[str, ...] = (".", "?", "!", '"', "”")
+    terminal_punctuation: tuple[str, ...] = (".", "?", "!", '"', "'")
     max_word_length: int | None = 1000
     remove_citations: bool = True
     drop_javascript_lines: bool = True
@@ -86,15 +91,21 @@ class C4Filter(DocumentFilter):
         ends = p.terminal_punctuation
         min_words = p.min_words_per_line or 0
         max_wlen = p.max_word_length
-        for line in stats.lines:
+        lines = stats.text.splitlines()
+        # the document's tokens, line by line, when another filter already computed them
+        line_words = stats.__dict__.get("ref_words_by_line") if p.min_sentences else None
+        for i, line in enumerate(lines):
             line = line.strip()
             if not line:
-                continue
+                continue  # a blank line has no terminal punctuation
             words = line.split()
             if max_wlen is not None and len(max(words, key=len)) > max_wlen:
                 continue
+            cited = False
             if p.remove_citations and "[" in line:
+                before = line
                 line = _CITATION_RE.sub("", line)
+                cited = line != before
             if p.require_terminal_punctuation and (not line.endswith(ends) or line.endswith("...")):
                 continue
             if len(words) < min_words:
@@ -109,10 +120,13 @@ class C4Filter(DocumentFilter):
             if p.drop_policy_lines and any(s in low for s in p.policy_substrings):
                 continue
             if p.min_sentences:
-                n_sentences += max(1, len(_SENTENCE_END_RE.findall(line)))
+                if line_words is not None and not cited:
+                    n_sentences += count_sentences_in(line_words[i])
+                else:
+                    n_sentences += count_sentences(line)
             kept.append(line)
         if p.min_sentences and n_sentences < p.min_sentences:
             return False, "too_few_sentences", None
         if not kept:
             return False, "no_lines_kept", None
-        return True, None, "\n".join(kept)
+        return True, None, "\n".join(kept).strip()

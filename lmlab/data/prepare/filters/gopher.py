@@ -1,21 +1,29 @@
-"""Gopher quality and repetition filters (Rae et al. 2021, "Scaling Language Models", App. A).
+"""Gopher quality and repetition filters (Rae et al. 2021, "Scaling Language Models", App. A), as datatrove applies them.
 
-Words are whitespace-separated tokens, as in the paper's description, with one
-exception: the "80% of words contain a letter" rule is sensitive to how
-punctuation is tokenised, and the paper does not say. With whitespace tokens
-almost every web page passes (a trailing comma rides on its word); with word
-tokenisers that split leading/trailing punctuation into tokens of their own
-(spaCy, NLTK, and so datatrove's reference implementation used for FineWeb) the
-rule removes punctuation- and number-heavy pages. The default,
-``alpha_word_split="edge_punctuation"``, counts tokens that way (each leading or
-trailing punctuation character of a whitespace word is a token, inner
-punctuation as in "e.g." or "3.5" stays inside); on the DCLM human-labelled
-tuning pages it is the better of the two at the published 0.8 threshold
-(whole Gopher+C4+FineWeb stack: 0.610 vs 0.573 accuracy on the 218 tuning pages).
-``"whitespace"`` gives the literal reading. Lines are split on newlines;
-paragraphs on blank lines. Character fractions in the repetition filter are measured on
-non-whitespace characters, so the numerator (characters of words) and the
-denominator are counted the same way.
+The rules and thresholds are the paper's (Table A1); their definitions follow
+datatrove's ``GopherQualityFilter`` and ``GopherRepetitionFilter``, the
+reference implementation FineWeb was built with, so that the two make the same
+keep/drop decision (measured on the DCLM web pages in
+``tests/test_filter_agreement.py``). In particular:
+
+* words are the English word tokens of datatrove's tokenizer, which splits off
+  punctuation ("word," is "word" and ","), computed by
+  :func:`lmlab.data.prepare.filters.words.words` without spaCy; "words" for the
+  length and mean-length rules are the tokens with a character outside
+  :data:`GOPHER_SYMBOLS`; the alphabetic-word rule and the hash / ellipsis ratios
+  divide by all tokens; stop words are matched case-sensitively;
+* bullet lines start with "•" or "-", lines are ``str.splitlines`` (blank lines
+  included), paragraphs are split on two or more newlines;
+* the repetition fractions divide by the length of the whole text (whitespace
+  included); the most frequent n-gram is the first one to reach the highest
+  count, its characters counted with the spaces between its words, even when
+  it occurs once (so a page of a dozen words fails ``top_2_gram``); repeated
+  n-grams are counted by datatrove's left-to-right scan (after a repeat, the
+  next n-1 positions are skipped).
+
+``alpha_word_split="whitespace"`` gives the literal reading of the
+alphabetic-word rule (whitespace-separated words, where a trailing comma rides
+on its word), which lets almost every web page pass it.
 """
 
 from __future__ import annotations
@@ -33,21 +41,24 @@ from lmlab.data.prepare.filters.base import (
     check_positive,
     check_range,
 )
+from lmlab.data.prepare.filters.fineweb import FINEWEB_TERMINAL_PUNCTUATION
 from lmlab.data.prepare.stats import DocStats
 from lmlab.errors import ConfigError
 
 GOPHER_STOP_WORDS = ("the", "be", "to", "of", "and", "that", "have", "with")
 
-# Whitespace tokens without any letter (digits, symbols): Gopher's "alphabetic"
-# rule. The symbol-only tokens (not counted as words) are the subset without digits.
-_NO_LETTER_TOKEN_RE = re.compile(r"(?<!\S)(?:[^\w\s]|[\d_])+(?!\S)")
-_DIGIT_RE = re.compile(r"\d")
-# Punctuation runs at the start / end of a whitespace token (symbol-only tokens
-# match both whole); used for edge_punctuation token counting.
-_LEADING_PUNCT_RE = re.compile(r"(?<!\S)[^\w\s]+")
-_TRAILING_PUNCT_RE = re.compile(r"[^\w\s]+(?!\S)")
-_BULLET_LINE_RE = re.compile(r"^[ \t]*[•●○◦▪▫‣⁃■□➢►▶\-*]", re.MULTILINE)
-_ELLIPSIS_LINE_RE = re.compile(r"(?:\.\.\.|…)[ \t]*$", re.MULTILINE)
+# A token made only of these characters is a symbol, not a word (as datatrove's
+# punctuation set: ASCII punctuation, common typographic and full-width marks,
+# control characters, and the sentence terminals).
+GOPHER_SYMBOLS = frozenset(
+    "!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~—–”“„’´«»…►━∶％１〈〉、【】「」，；《》．（）？！：～。"
+    + "".join(map(chr, (*range(0, 9), *range(11, 32), *range(127, 160))))
+    + "".join(FINEWEB_TERMINAL_PUNCTUATION)
+)
+_PARAGRAPH_RE = re.compile(r"\n{2,}")
+_NO_ASCII_ALNUM_RE = re.compile(r"^[^A-Za-z0-9\n]+$", re.MULTILINE)
+_NO_ASCII_LETTER_RE = re.compile(r"^[^A-Za-z\n]+$", re.MULTILINE)
+_LINES_RE = re.compile("\n+")
 
 
 @dataclass
@@ -67,14 +78,14 @@ class GopherQualityParams:
     min_alpha_word_fraction: float | None = 0.8
     min_stop_words: int | None = 2
     stop_words: tuple[str, ...] = GOPHER_STOP_WORDS
-    alpha_word_split: str = "edge_punctuation"
+    alpha_word_split: str = "reference"
 
     def __post_init__(self) -> None:
-        if self.alpha_word_split not in ("edge_punctuation", "whitespace"):
+        if self.alpha_word_split not in ("reference", "whitespace"):
             raise ConfigError(
                 "gopher_quality.alpha_word_split",
                 f"unknown value {self.alpha_word_split!r}",
-                "use 'edge_punctuation' or 'whitespace'",
+                "use 'reference' (datatrove's word tokens) or 'whitespace'",
             )
         check_positive("gopher_quality.min_words", self.min_words, allow_zero=True)
         check_positive("gopher_quality.max_words", self.max_words)
@@ -113,72 +124,71 @@ class GopherQualityFilter(DocumentFilter):
     Params = GopherQualityParams
 
     def _setup(self) -> None:
-        words = "|".join(re.escape(w.lower()) for w in sorted(set(self.params.stop_words)))
-        self._stop_re = re.compile(r"\b(?:%s)\b" % words) if words else None
+        self._stop = frozenset(self.params.stop_words)
 
     def check(self, stats: DocStats) -> FilterResult:
         p = self.params
         text = stats.text
-        n_tokens = stats.n_words
-        no_letter = _NO_LETTER_TOKEN_RE.findall(text) if n_tokens else []
-        symbol_tokens = [t for t in no_letter if not _DIGIT_RE.search(t)]
-        n_words = n_tokens - len(symbol_tokens)
-        if p.min_words is not None and n_words < p.min_words:
+        words = stats.ref_words
+        n_tokens = len(words)
+        # Symbol tokens contain no ASCII letter or digit: check only those candidates exactly.
+        symbols = [w for w in _NO_ASCII_ALNUM_RE.findall(stats.ref_joined) if GOPHER_SYMBOLS.issuperset(w)]
+        n_words = n_tokens - len(symbols)
+        if p.min_words and n_words < p.min_words:
             return False, "too_few_words"
-        if p.max_words is not None and n_words > p.max_words:
+        if p.max_words and n_words > p.max_words:
             return False, "too_many_words"
         if n_words == 0:
             # Only reachable with min_words disabled; nothing below is defined.
             return True, None
-        mean_len = (stats.n_word_chars - sum(map(len, symbol_tokens))) / n_words
-        if p.min_mean_word_length is not None and mean_len < p.min_mean_word_length:
+        mean_len = (int(stats.ref_word_lengths.sum()) - sum(map(len, symbols))) / n_words
+        if p.min_mean_word_length and mean_len < p.min_mean_word_length:
             return False, "short_mean_word_length"
-        if p.max_mean_word_length is not None and mean_len > p.max_mean_word_length:
+        if p.max_mean_word_length and mean_len > p.max_mean_word_length:
             return False, "long_mean_word_length"
-        if p.max_symbol_word_ratio is not None:
+        if p.max_symbol_word_ratio:
             if text.count("#") / n_tokens > p.max_symbol_word_ratio:
                 return False, "too_many_hashes"
             if (text.count("...") + text.count("…")) / n_tokens > p.max_symbol_word_ratio:
                 return False, "too_many_ellipses"
-        n_lines = len(stats.nonempty_lines)
-        if n_lines:
-            if p.max_bullet_line_fraction is not None:
-                if len(_BULLET_LINE_RE.findall(text)) / n_lines > p.max_bullet_line_fraction:
+        lines = text.splitlines()
+        if lines:
+            if p.max_bullet_line_fraction:
+                bullets = sum(1 for s in lines if s.lstrip().startswith(("•", "-")))
+                if bullets / len(lines) > p.max_bullet_line_fraction:
                     return False, "too_many_bullet_lines"
-            if p.max_ellipsis_line_fraction is not None:
-                if len(_ELLIPSIS_LINE_RE.findall(text)) / n_lines > p.max_ellipsis_line_fraction:
+            if p.max_ellipsis_line_fraction:
+                ellipses = sum(1 for s in lines if s.rstrip().endswith(("...", "…")))
+                if ellipses / len(lines) > p.max_ellipsis_line_fraction:
                     return False, "too_many_ellipsis_lines"
-        if p.min_alpha_word_fraction is not None:
-            with_letter = n_tokens - len(no_letter)
-            if p.alpha_word_split == "whitespace":
-                n_split = n_tokens
-            else:
-                # Each edge punctuation character is a token; a symbol-only token is
-                # matched whole by both edge regexes but must count once per character.
-                n_split = n_words - sum(map(len, symbol_tokens))
-                n_split += sum(map(len, _LEADING_PUNCT_RE.findall(text)))
-                n_split += sum(map(len, _TRAILING_PUNCT_RE.findall(text)))
-            alpha = with_letter / n_split
-            if alpha < p.min_alpha_word_fraction:
+        if p.min_alpha_word_fraction:
+            tokens = words if p.alpha_word_split == "reference" else stats.words
+            joined = stats.ref_joined if p.alpha_word_split == "reference" else "\n".join(tokens)
+            # tokens without a letter have no ASCII letter: check only those candidates exactly
+            no_letter = sum(1 for w in _NO_ASCII_LETTER_RE.findall(joined) if not _has_letter(w))
+            alpha = len(tokens) - no_letter
+            if alpha / max(1, len(tokens)) < p.min_alpha_word_fraction:
                 return False, "too_few_alpha_words"
-        if p.min_stop_words and self._stop_re is not None:
-            seen: set[str] = set()
-            for m in self._stop_re.finditer(stats.lower):
-                seen.add(m.group())
-                if len(seen) >= p.min_stop_words:
-                    break  # usually within the first sentence
-            else:
-                return False, "too_few_stop_words"
+        if p.min_stop_words and len(self._stop.intersection(words)) < p.min_stop_words:
+            return False, "too_few_stop_words"
         return True, None
 
 
-def _duplicate_counts(items: list[str]) -> tuple[int, int]:
-    """(number of items that repeat an earlier one, characters in those repeats)."""
-    counts = Counter(items)
-    n_dup = len(items) - len(counts)
-    if not n_dup:
-        return 0, 0
-    return n_dup, sum(len(k) * (v - 1) for k, v in counts.items() if v > 1)
+def _has_letter(word: str) -> bool:
+    return any(c.isalpha() for c in word)
+
+
+def _find_duplicates(items: list[str]) -> tuple[int, int]:
+    """(items that repeat an earlier one, characters in those repeats), as datatrove counts them."""
+    seen: set[str] = set()
+    n_dup = chars = 0
+    for x in items:
+        if x in seen:
+            n_dup += 1
+            chars += len(x)
+        else:
+            seen.add(x)
+    return n_dup, chars
 
 
 @dataclass
@@ -244,67 +254,94 @@ class GopherRepetitionFilter(DocumentFilter):
 
     def check(self, stats: DocStats) -> FilterResult:
         p = self.params
-        if not stats.text.strip():
+        text = stats.text
+        if not text.strip():
+            # datatrove drops only the empty string; whitespace is as empty (its quality filter drops it too)
             return False, "empty"
-        n_chars = stats.n_chars
-        paras = stats.paragraphs
-        n_dup, dup_chars = _duplicate_counts(paras)
-        if p.max_dup_para_fraction is not None and n_dup / len(paras) > p.max_dup_para_fraction:
+        n_chars = len(text)
+        paras = _PARAGRAPH_RE.split(text.strip())
+        n_dup, dup_chars = _find_duplicates(paras)
+        if p.max_dup_para_fraction and n_dup / len(paras) > p.max_dup_para_fraction:
             return False, "dup_para_fraction"
-        if p.max_dup_para_char_fraction is not None and dup_chars / n_chars > p.max_dup_para_char_fraction:
+        if p.max_dup_para_char_fraction and dup_chars / n_chars > p.max_dup_para_char_fraction:
             return False, "dup_para_char_fraction"
-        lines = stats.newline_split_lines
-        n_dup, dup_chars = _duplicate_counts(lines)
-        if p.max_dup_line_fraction is not None and n_dup / len(lines) > p.max_dup_line_fraction:
+        lines = _LINES_RE.split(text)
+        n_dup, dup_chars = _find_duplicates(lines)
+        if p.max_dup_line_fraction and n_dup / len(lines) > p.max_dup_line_fraction:
             return False, "dup_line_fraction"
-        if p.max_dup_line_char_fraction is not None and dup_chars / n_chars > p.max_dup_line_char_fraction:
+        if p.max_dup_line_char_fraction and dup_chars / n_chars > p.max_dup_line_char_fraction:
             return False, "dup_line_char_fraction"
 
-        total = stats.n_word_chars
-        if total == 0:
-            return True, None
-        lengths = stats.word_lengths
+        lengths = stats.ref_word_lengths
         cum = np.concatenate(([0], np.cumsum(lengths)))
+        # Positions whose n-gram occurs again somewhere, for n = 1, 2, ...: an n-gram recurs
+        # only where the (n-1)-grams at i and i+1 both recur, so each step sorts only those.
+        recurring = {1: _recurring(stats.ref_ngram_hashes(1), None)}
+
+        def recurring_at(n: int) -> np.ndarray:
+            if n not in recurring:
+                prev = recurring_at(n - 1)
+                recurring[n] = _recurring(stats.ref_ngram_hashes(n), prev[:-1] & prev[1:])
+            return recurring[n]
+
         for n, max_frac in p.top_ngram_char_fractions:
-            h = stats.ngram_hashes(n)
-            if len(h) < 2:
+            h = stats.ref_ngram_hashes(n)
+            if len(h) == 0:
                 continue
-            srt = np.sort(h)
-            group_starts = np.concatenate(([0], np.flatnonzero(srt[1:] != srt[:-1]) + 1))
-            runs = np.diff(np.append(group_starts, len(srt)))
-            top = int(runs.max())
-            if top < 2:  # a single occurrence is not a repetition
-                continue
-            # Cheap bound first: even the longest n-gram repeated `top` times may pass.
-            spans = cum[n:] - cum[:-n]
-            if top * int(spans.max()) / total <= max_frac:
-                continue
-            top_hashes = srt[group_starts[runs == top]]
-            chars = int(spans[np.isin(h, top_hashes)].max())
-            if top * chars / total > max_frac:
+            # datatrove: the first n-gram (in text order) to reach the highest count, with its
+            # spaces; as there, an n-gram seen once counts too (a page of a few words fails here)
+            rec = np.flatnonzero(recurring_at(n))
+            if len(rec):
+                _, first, counts = np.unique(h[rec], return_index=True, return_counts=True)
+                top = int(counts.max())
+                start = int(rec[first[counts == top].min()])
+            else:
+                top, start = 1, 0
+            chars = int(cum[start + n] - cum[start]) + n - 1
+            if top * chars / n_chars > max_frac:
                 return False, f"top_{n}_gram"
-        dup = p.dup_ngram_char_fractions
-        for i, (n, max_frac) in enumerate(dup):
-            h = stats.ngram_hashes(n)
+        for n, max_frac in p.dup_ngram_char_fractions:
+            h = stats.ref_ngram_hashes(n)
             if len(h) < 2:
-                break
-            order = np.argsort(h, kind="stable")
-            srt = h[order]
-            # With a stable sort, an occurrence is a repeat when its predecessor in
-            # sorted order has the same hash (the first occurrence comes first).
-            repeat = np.zeros(len(h), dtype=bool)
-            np.equal(srt[1:], srt[:-1], out=repeat[1:])
-            dup_starts = order[repeat]
-            if len(dup_starts) == 0:
-                break  # no repeated n-gram means no repeated (n+1)-gram either
-            cover = np.zeros(len(lengths) + 1, dtype=np.int64)
-            cover[dup_starts] += 1
-            cover[dup_starts + n] -= 1
-            frac = lengths[np.cumsum(cover[:-1]) > 0].sum() / total
-            if frac > max_frac:
+                continue
+            if _scanned_repeat_chars(h, recurring_at(n), cum, n) / n_chars > max_frac:
                 return False, f"dup_{n}_grams"
-            # Repeats of (n+1)-grams cover a subset of what repeats of n-grams
-            # cover, so the fraction only shrinks as n grows.
-            if frac <= min(f for _, f in dup[i:]):
-                break
         return True, None
+
+
+def _recurring(h: np.ndarray, candidates: np.ndarray | None) -> np.ndarray:
+    """Mask of the positions whose hash occurs more than once (only ``candidates`` can)."""
+    out = np.zeros(len(h), dtype=bool)
+    idx = np.arange(len(h)) if candidates is None else np.flatnonzero(candidates)
+    if len(idx) < 2:
+        return out
+    sub = h[idx]
+    order = np.argsort(sub, kind="stable")
+    srt = sub[order]
+    same = srt[1:] == srt[:-1]
+    if same.any():
+        out[idx[order[1:][same]]] = True
+        out[idx[order[:-1][same]]] = True
+    return out
+
+
+def _scanned_repeat_chars(h: np.ndarray, recurring: np.ndarray, cum: np.ndarray, n: int) -> int:
+    """Characters of repeated n-grams found by datatrove's scan, which skips n-1 positions after a repeat.
+
+    Only n-grams occurring more than once (``recurring``) can be repeats, and
+    whether an n-gram occurring once was skipped changes nothing, so the scan
+    visits only the positions of n-grams that recur.
+    """
+    seen: set[int] = set()
+    skip_until = 0
+    chars = 0
+    for pos in np.flatnonzero(recurring).tolist():
+        if pos < skip_until:
+            continue
+        key = int(h[pos])
+        if key in seen:
+            chars += int(cum[pos + n] - cum[pos])  # the n-gram joined without spaces, as datatrove measures it
+            skip_until = pos + n
+        else:
+            seen.add(key)
+    return chars
