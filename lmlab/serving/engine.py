@@ -122,6 +122,7 @@ class Engine:
         self._stopping = False
         self.steps = 0
         self.max_rows_seen = 0
+        self.finished: dict[str, int] = {}  # finish reason -> sequences
 
     # -- submitting ----------------------------------------------------------------------------
     def check(self, prompt_len: int, max_tokens: int) -> Optional[str]:
@@ -242,6 +243,8 @@ class Engine:
             self._emit(r, None)
 
     def _emit(self, r: GenerationRequest, delta: Optional[str]) -> None:
+        if delta is None:
+            self.finished[r.finish_reason] = self.finished.get(r.finish_reason, 0) + 1
         if r.on_event is not None:
             r.on_event(r, delta)
 
