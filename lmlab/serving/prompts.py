@@ -46,10 +46,9 @@ class Prompter:
         return list(self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True))
 
     def completion_ids(self, text: str) -> list[int]:
-        """Tokens of a plain-text prompt (the beginning-of-text token first when the tokenizer has one)."""
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        bos = self.tokenizer.bos_token_id
-        return ([bos] if bos is not None else []) + list(ids)
+        """Tokens of a plain-text prompt, with the special tokens the tokenizer itself adds (as transformers
+        does, so greedy completions agree with ``transformers serve`` on an HF export)."""
+        return list(self.tokenizer(text)["input_ids"])
 
     def stop_ids(self, chat: bool) -> list[int]:
         """Chat replies end at the end-of-turn token (and EOS); completions at EOS."""
