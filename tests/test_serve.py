@@ -15,6 +15,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -26,6 +27,7 @@ pytest.importorskip("uvicorn", reason="uvicorn is not installed (pip install -e 
 
 from lmlab.models import CausalLM, TransformerConfig  # noqa: E402
 from lmlab.models.generation import generate  # noqa: E402
+from lmlab.serving.engine import GenerationRequest, SamplingParams  # noqa: E402
 from lmlab.serving.server import ServerThread, build_service, create_app  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -320,3 +322,54 @@ def test_engine_continuous_batching_matches_unbatched_generate(tmp_path_factory)
     assert engine.max_rows_seen == 4
     assert engine.steps < sum(budgets) / 2  # several sequences per decode step
     assert any(d < 0 for d in shifts) and any(d > 0 for d in shifts)
+
+
+def test_export_gguf_reads_back_with_ggufs_reader(model_dir, tmp_path):
+    """No llama.cpp here: the file is read back with the gguf package's reader and every tensor compared."""
+    gguf = pytest.importorskip("gguf", reason="the gguf package is not installed")
+    from lmlab.cli import main as lmlab_main
+    from lmlab.export_gguf import gguf_tensors, permute_rotary
+    from lmlab.models.checkpoint import open_checkpoint
+
+    out = tmp_path / "tiny.gguf"
+    assert lmlab_main(["export", "--ckpt", str(model_dir), "--format", "gguf", "--out", str(out)]) == 0
+    ck = open_checkpoint(model_dir)
+    model, tok = ck.causal_lm(), ck.tokenizer()
+    cfg = model.config
+    expected = gguf_tensors(cfg, model.state_dict())
+    reader = gguf.GGUFReader(str(out))
+    got = {t.name: np.asarray(t.data) for t in reader.tensors}
+    assert set(got) == set(expected) and len(got) == 2 + 9 * cfg.n_layers
+    for name, t in expected.items():
+        np.testing.assert_array_equal(got[name].reshape(t.shape), t.numpy(), err_msg=name)
+    # the q rows are lmlab's, reordered within each head (and the reorder is a permutation)
+    q = model.backbone.blocks[0].attn.qkv.weight[: cfg.n_heads * cfg.head_dim]
+    np.testing.assert_array_equal(got["blk.0.attn_q.weight"].reshape(q.shape), permute_rotary(q, cfg.n_heads).detach().numpy())
+    assert not torch.equal(permute_rotary(q, cfg.n_heads), q)
+
+    def field(name):
+        f = reader.fields[name]
+        return f.contents() if hasattr(f, "contents") else f.parts[f.data[0]].tolist()
+
+    assert field("general.architecture") == "llama"
+    assert field("llama.block_count") == cfg.n_layers and field("llama.embedding_length") == cfg.d_model
+    assert field("llama.context_length") == cfg.max_seq_len and field("llama.attention.head_count") == cfg.n_heads
+    tokens = field("tokenizer.ggml.tokens")
+    assert len(tokens) == len(tok) and tokens[tok.eos_token_id] == tok.eos_token
+    assert field("tokenizer.ggml.eos_token_id") == tok.eos_token_id
+    assert field("tokenizer.chat_template") == tok.chat_template
+
+
+def test_int8_quantized_model_serves_close_logits(model_dir):
+    from lmlab.serving.prompts import load_model
+
+    fp32, tok, _ = load_model(str(model_dir), device="cpu")
+    q8, _, _ = load_model(str(model_dir), device="cpu", quantize="int8")
+    assert type(q8.backbone.blocks[0].attn.qkv).__module__.startswith("torch.ao.nn.quantized")
+    ids = torch.tensor([tok("the cat sat on a mat")["input_ids"]])
+    a, b = fp32(ids), q8(ids)
+    assert (a - b).abs().max() < 0.1 * a.abs().max()  # int8 weights: close, not equal
+    assert not torch.equal(a, b)
+    service = build_service(str(model_dir), device="cpu", quantize="int8", model_name="q8")
+    req = GenerationRequest(service.prompter.completion_ids("the cat"), SamplingParams(max_tokens=5, temperature=0))
+    assert len(service.engine.run_until_done(req).token_ids) == 5
