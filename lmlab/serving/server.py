@@ -23,7 +23,7 @@ import threading
 import time
 import uuid
 from importlib import resources
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 from lmlab.errors import ConfigError
 
@@ -373,7 +373,7 @@ def serve(
     max_tokens_limit: int = 1024,
     max_body_bytes: int = 1_000_000,
     device: Optional[str] = None,
-    quantize: Optional[str] = None,
+    quantize: Optional[Literal["int8"]] = None,
 ) -> int:
     """Serve a checkpoint over an OpenAI-compatible HTTP API, with a web chat page at /.
 
