@@ -182,6 +182,7 @@ class Engine:
                     r.text += f"[engine error: {e}]"
                     self._emit(r, None)
                 self.rows, self.waiting, self.length = [], deque(), 0
+                self.mask.zero_()
 
     # -- one scheduler iteration ---------------------------------------------------------------------
     @torch.no_grad()
