@@ -132,6 +132,7 @@ def test_sampling_seed_top_p_and_stop(client, server):
     assert len(others | {a}) > 1
     # a stop string ends the text before it
     full = client.completions.create(model="tiny", prompt="the cat", max_tokens=20, temperature=0).choices[0].text
+    assert client.completions.create(model="tiny", prompt="the cat", max_tokens=20, temperature=1.0, top_p=0).choices[0].text == full
     stop = full[5:7]
     cut = client.completions.create(model="tiny", prompt="the cat", max_tokens=20, temperature=0, stop=[stop])
     assert cut.choices[0].text == full[: full.find(stop)] and cut.choices[0].finish_reason == "stop"

@@ -94,7 +94,8 @@ class Service:
         return SamplingParams(
             max_tokens=max_tokens,
             temperature=_number(body, "temperature", 1.0, float, 0.0, 2.0),
-            top_p=_number(body, "top_p", 1.0, float, 0.0, 1.0) or 1.0,
+            # top_p=0 keeps only the likeliest token (the nucleus filter always keeps the first one above 0)
+            top_p=max(_number(body, "top_p", 1.0, float, 0.0, 1.0), 1e-6),
             top_k=_number(body, "top_k", 0, int, 0, None),
             stop=[s for s in stop if s],
             seed=seed,
