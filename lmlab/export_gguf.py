@@ -17,7 +17,6 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
 import torch
 
 from lmlab.errors import ConfigError
