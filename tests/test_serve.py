@@ -142,7 +142,7 @@ def test_concurrent_clients_get_their_own_greedy_outputs(client, server):
     _, service = server
     prompts = [" ".join(["the cat sat on a mat"] * (1 + i % 5)) + f" {i}" for i in range(16)]
     lengths = [5 + (7 * i) % 30 for i in range(16)]  # sequences finish at different steps: rows leave and join
-    before = service.engine.max_rows_seen
+    service.engine.max_rows_seen = 0
 
     def ask(i):
         return client.completions.create(model="tiny", prompt=prompts[i], max_tokens=lengths[i], temperature=0).choices[0].text
@@ -151,7 +151,7 @@ def test_concurrent_clients_get_their_own_greedy_outputs(client, server):
         got = list(pool.map(ask, range(16)))
     for i in range(16):
         assert got[i] == reference(service, service.prompter.completion_ids(prompts[i]), lengths[i], False)[0], i
-    assert service.engine.max_rows_seen == service.engine.max_batch or before == service.engine.max_batch
+    assert service.engine.max_rows_seen > 1  # the clients were decoded together
     assert not service.engine.rows and not service.engine.waiting
 
 
