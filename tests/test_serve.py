@@ -374,3 +374,32 @@ def test_int8_quantized_model_serves_close_logits(model_dir):
     service = build_service(str(model_dir), device="cpu", quantize="int8", model_name="q8")
     req = GenerationRequest(service.prompter.completion_ids("the cat"), SamplingParams(max_tokens=5, temperature=0))
     assert len(service.engine.run_until_done(req).token_ids) == 5
+
+
+def test_lmlab_serve_command_answers_on_a_free_port(model_dir):
+    """The verb itself: ``--port 0`` binds a free port on 127.0.0.1 and prints the address; the test stops it."""
+    import httpx
+
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.Popen([sys.executable, "-m", "lmlab.cli", "serve", "--ckpt", str(model_dir), "--port", "0",
+                             "--model_name", "cli", "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("lmlab serve: model 'cli' at http://127.0.0.1:"), line + proc.stderr.read()
+        url = line.split(" at ")[1].split("/ ")[0]
+        deadline = time.time() + 30
+        while True:
+            try:
+                models = httpx.get(url + "/v1/models", timeout=5).json()
+                break
+            except httpx.TransportError:
+                assert time.time() < deadline and proc.poll() is None
+                time.sleep(0.1)
+        assert models["data"][0]["id"] == "cli"
+        r = httpx.post(url + "/v1/completions", json={"prompt": "the cat", "max_tokens": 4, "temperature": 0}, timeout=30)
+        assert r.json()["usage"]["completion_tokens"] == 4
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -402,8 +402,20 @@ def serve(
             raise ConfigError(name, f"must be at least 1, got {value}", "use a positive number")
     service = build_service(ckpt, tokenizer, device, quantize, model_name, max_batch=max_batch, max_queue=max_queue,
                             max_tokens_limit=max_tokens_limit, max_body_bytes=max_body_bytes)
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise ConfigError("--port", f"cannot listen on {host}:{port} ({e.strerror})", "choose another --port (0: any free one)") from None
+    port = sock.getsockname()[1]  # the real one when --port 0
     print(f"lmlab serve: model '{service.model_id}' at http://{host}:{port}/ (OpenAI API under /v1)", flush=True)
-    uvicorn.run(create_app(service), host=host, port=port, log_level="warning")
+    server = uvicorn.Server(uvicorn.Config(create_app(service), host=host, port=port, log_level="warning"))
+    server.run(sockets=[sock])
     return 0
 
 
