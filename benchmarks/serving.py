@@ -132,6 +132,7 @@ def main() -> None:
     ap.add_argument("--d_model", type=int, default=256)
     ap.add_argument("--n_layers", type=int, default=4)
     ap.add_argument("--transformers", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--continuous_batching", action="store_true", help="run transformers serve with --continuous-batching")
     ap.add_argument("--out", help="write the results as JSON here")
     args = ap.parse_args()
 
@@ -165,14 +166,15 @@ def main() -> None:
         url = f"http://127.0.0.1:{port}"
         try:
             proc = start([str(Path(sys.executable).parent / "transformers"), "serve", str(model_dir), "--host",
-                          "127.0.0.1", "--port", str(port), "--device", "cpu", "--log-level", "warning"], url, env)
+                          "127.0.0.1", "--port", str(port), "--device", "cpu", "--log-level", "warning"]
+                         + (["--continuous-batching"] if args.continuous_batching else []), url, env)
         except Exception as e:
             notes.append(f"transformers serve did not run: {str(e).strip().splitlines()[-1]}")
         else:
             try:
                 run_load(url, str(model_dir), prompts[:2], 1, 8, tok)
                 hf = run_load(url, str(model_dir), prompts, args.clients, args.max_tokens, tok)
-                rows.append(("transformers serve", hf))
+                rows.append(("transformers serve" + (" --continuous-batching" if args.continuous_batching else ""), hf))
                 same = sum(hf["texts"].get(i) == many["texts"].get(i) for i in range(len(prompts)))
                 notes.append(f"lmlab vs transformers: {same}/{len(prompts)} identical greedy outputs")
             except Exception as e:
