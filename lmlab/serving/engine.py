@@ -201,15 +201,19 @@ class Engine:
         logits = self.model(tokens, position_ids=positions, attention_mask=self.mask[:n, : L + 1], cache=view)[:, -1]
         self.length = L + 1
         self.steps += 1
-        for i, r in enumerate(self.rows):
+        tokens = self._sample_rows(self.rows, logits)
+        for r, token in zip(self.rows, tokens):
             r._pos += 1
-            self._accept(r, self._sample(r, logits[i]))
+            self._accept(r, token)
+
+    def _sample_rows(self, rows: list[GenerationRequest], logits: torch.Tensor) -> list[int]:
+        """One token per row: greedy rows share one argmax over the batch, sampled rows draw on their own."""
+        logits = logits.float()[:, : self.config.vocab_size]
+        greedy = logits.argmax(-1).tolist()
+        return [greedy[i] if r.params.temperature <= 0 else self._sample(r, logits[i]) for i, r in enumerate(rows)]
 
     def _sample(self, r: GenerationRequest, logits: torch.Tensor) -> int:
-        logits = logits.float()[: self.config.vocab_size]
         p = r.params
-        if p.temperature <= 0:
-            return int(logits.argmax(-1))
         scaled = logits / p.temperature
         probs = F.softmax(filter_logits(scaled[None], p.top_k, p.top_p), -1)
         return int(torch.multinomial(probs, 1, generator=r._generator)[0, 0])
@@ -324,11 +328,12 @@ class Engine:
             dst[n : n + k, :, L - P : L] = src
         self.mask[n : n + k] = 0
         self.mask[n : n + k, L - P : L] = attn
-        for i, r in enumerate(batch):
+        for r in batch:
             r._start = L - len(r.prompt_ids)
             r._pos = len(r.prompt_ids)
             if r.params.seed is not None:
                 r._generator = torch.Generator(device=self.device).manual_seed(int(r.params.seed))
             self.rows.append(r)
             self.max_rows_seen = max(self.max_rows_seen, len(self.rows))
-            self._accept(r, self._sample(r, logits[i]))
+        for r, token in zip(batch, self._sample_rows(batch, logits)):
+            self._accept(r, token)
