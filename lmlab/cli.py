@@ -6,7 +6,7 @@ of a stage, dotted flags override any field (``--model.config.n_layers=4``),
 several ``--config`` files compose, and ``--print_config`` shows the result.
 
 The other verbs (``data``, ``tokenizer``, ``sweep``, ``scaling``, ``eval``,
-``export``, ``plan``) live beside it and dispatch to their packages.
+``export``, ``plan``, ``chat``, ``serve``) live beside it and dispatch to their packages.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ EXTRA_VERBS: dict[str, tuple[str, str, str]] = {
     "eval": ("lmlab.eval.cli", "main", "evaluate a checkpoint on downstream tasks"),
     "export": ("lmlab.export", "main", "export a checkpoint (e.g. --format hf)"),
     "plan": ("lmlab.distributed.planner_cli", "main", "memory and compute plan for a config"),
+    "chat": ("lmlab.serving.chat_cli", "main", "chat with a checkpoint in the terminal"),
+    "serve": ("lmlab.serving.server", "main", "OpenAI-compatible HTTP server and web chat for a checkpoint"),
 }
 
 

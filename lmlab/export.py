@@ -5,6 +5,7 @@
     lmlab export --ckpt runs/x/last.ckpt --format hf --out exports/x      # LlamaForCausalLM / GPT2LMHeadModel
     lmlab export --ckpt runs/x/last.ckpt --format lmlab --out exports/x   # lmlab names, for --model.init_from
     lmlab export --from_hf some/llama-dir --out llama.ckpt                # for --model.init_from
+    lmlab export --ckpt runs/x/last.ckpt --format gguf --out x.gguf       # llama.cpp (lmlab/export_gguf.py)
 
 The verb only reads its flags and reports; what is written, and how, is
 :mod:`lmlab.models.export`.
@@ -23,7 +24,7 @@ def export(
     out: str,
     ckpt: Optional[str] = None,
     from_hf: Optional[str] = None,
-    format: Literal["hf", "lmlab"] = "hf",
+    format: Literal["hf", "lmlab", "gguf"] = "hf",
     tokenizer: Optional[str] = None,
     dtype: Optional[Dtype] = None,
     force: bool = False,
@@ -34,7 +35,8 @@ def export(
         out: Output directory (export) or .ckpt file (--from_hf).
         ckpt: Lightning .ckpt or lmlab export directory to export.
         from_hf: Transformers LLaMA/GPT-2 directory to import instead (writes a .ckpt for --model.init_from).
-        format: Export layout: hf (LlamaForCausalLM / GPT2LMHeadModel) or lmlab (lmlab tensor names).
+        format: Export layout: hf (LlamaForCausalLM / GPT2LMHeadModel), lmlab (lmlab tensor names) or gguf
+            (one llama.cpp file, LLaMA-shaped models; --out names the .gguf file).
         tokenizer: Tokenizer directory (default: found beside the checkpoint or in its run config).
         dtype: Cast floating-point weights (default: as stored).
         force: Replace --out if it exists.
@@ -45,6 +47,12 @@ def export(
     if from_hf:
         path = import_hf(from_hf, out, dtype=torch_dtype, overwrite=force)
         print(f"wrote {path} (use it as --model.init_from {path})")
+        return 0
+    if format == "gguf":
+        from lmlab.export_gguf import export_gguf
+
+        path = export_gguf(ckpt, out, tokenizer=tokenizer, dtype=torch_dtype, overwrite=force)
+        print(f"wrote GGUF to {path} (llama.cpp: llama-cli -m {path})")
         return 0
     fn = export_hf if format == "hf" else export_lmlab
     path = fn(ckpt, out, tokenizer=tokenizer, dtype=torch_dtype, overwrite=force)
