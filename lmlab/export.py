@@ -5,7 +5,7 @@
     lmlab export --ckpt runs/x/last.ckpt --format hf --out exports/x      # LlamaForCausalLM / GPT2LMHeadModel
     lmlab export --ckpt runs/x/last.ckpt --format lmlab --out exports/x   # lmlab names, for --model.init_from
     lmlab export --from_hf some/llama-dir --out llama.ckpt                # for --model.init_from
-    lmlab export --ckpt runs/x/last.ckpt --format gguf --out x.gguf       # llama.cpp (lmlab/export_gguf.py)
+    lmlab export --ckpt runs/x/last.ckpt --format gguf --out x.gguf       # llama.cpp (lmlab/models/gguf.py)
 
 The verb only reads its flags and reports; what is written, and how, is
 :mod:`lmlab.models.export`.
@@ -49,7 +49,7 @@ def export(
         print(f"wrote {path} (use it as --model.init_from {path})")
         return 0
     if format == "gguf":
-        from lmlab.export_gguf import export_gguf
+        from lmlab.models.gguf import export_gguf
 
         path = export_gguf(ckpt, out, tokenizer=tokenizer, dtype=torch_dtype, overwrite=force)
         print(f"wrote GGUF to {path} (llama.cpp: llama-cli -m {path})")

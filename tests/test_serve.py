@@ -329,7 +329,7 @@ def test_export_gguf_reads_back_with_ggufs_reader(model_dir, tmp_path):
     """No llama.cpp here: the file is read back with the gguf package's reader and every tensor compared."""
     gguf = pytest.importorskip("gguf", reason="the gguf package is not installed")
     from lmlab.cli import main as lmlab_main
-    from lmlab.export_gguf import gguf_tensors, permute_rotary
+    from lmlab.models.gguf import gguf_tensors, permute_rotary
     from lmlab.models.checkpoint import open_checkpoint
 
     out = tmp_path / "tiny.gguf"

@@ -17,14 +17,14 @@ class Prompter:
 
     Chats are rendered with the tokenizer's chat template. With lmlab's own
     template, each segment is tokenized as SFT tokenized it
-    (:func:`lmlab.data.chat.tokenize_chat`), so a reply starts on the same token
+    (:func:`lmlab.data.posttrain.chat.tokenize_chat`), so a reply starts on the same token
     boundary the model was trained on; any other template goes through
     ``apply_chat_template``. ``chat`` is False for base models (a ``pretrain``
     checkpoint or a tokenizer without a template): they continue plain text.
     """
 
     def __init__(self, tokenizer: Any, stage: Optional[str] = None, mode: Mode = "auto"):
-        from lmlab.data.chat import CHAT_TEMPLATE
+        from lmlab.data.posttrain.chat import CHAT_TEMPLATE
 
         self.tokenizer = tokenizer
         self.template = getattr(tokenizer, "chat_template", None)
@@ -40,7 +40,7 @@ class Prompter:
     def chat_ids(self, messages: Sequence[dict]) -> list[int]:
         """Tokens of ``messages`` followed by the assistant's generation prompt."""
         if self.lmlab_template:
-            from lmlab.data.chat import tokenize_chat
+            from lmlab.data.posttrain.chat import tokenize_chat
 
             return tokenize_chat(self.tokenizer, messages, target_start=None, add_generation_prompt=True)[0]
         return list(self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True))
@@ -53,7 +53,7 @@ class Prompter:
     def stop_ids(self, chat: bool) -> list[int]:
         """Chat replies end at the end-of-turn token (and EOS); completions at EOS."""
         if chat and self.lmlab_template:
-            from lmlab.data.chat import stop_token_ids
+            from lmlab.data.posttrain.chat import stop_token_ids
 
             return stop_token_ids(self.tokenizer)
         eos = self.tokenizer.eos_token_id

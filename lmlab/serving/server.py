@@ -119,7 +119,7 @@ class Service:
         return [self.prompter.completion_ids(p) if isinstance(p, str) else list(p) for p in prompt]
 
     def chat_prompt(self, body: dict) -> list[int]:
-        from lmlab.data.chat import validate_messages
+        from lmlab.data.posttrain.chat import validate_messages
 
         if not self.prompter.can_chat:
             raise APIError(400, "this model's tokenizer has no chat template; use /v1/completions", "messages",

@@ -19,6 +19,7 @@ from typing import Any, Optional
 
 import torch
 
+from lmlab.atomic import atomic_path
 from lmlab.errors import ConfigError
 
 
@@ -95,9 +96,7 @@ def export_gguf(ckpt: str | os.PathLike, out: str | os.PathLike, *, tokenizer: A
         raise ConfigError("--format gguf", "only LLaMA-shaped models export to GGUF", "use --format hf for GPT-2-shaped ones")
     tok = source.tokenizer(tokenizer)
     tensors = gguf_tensors(cfg, model.state_dict())
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    try:
+    with atomic_path(out) as tmp:
         w = gguf.GGUFWriter(str(tmp), "llama")
         w.add_name(out.stem)
         w.add_context_length(cfg.max_seq_len)
@@ -122,7 +121,4 @@ def export_gguf(ckpt: str | os.PathLike, out: str | os.PathLike, *, tokenizer: A
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     return out
