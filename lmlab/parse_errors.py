@@ -83,8 +83,8 @@ def _closest(name: str, candidates: Iterable[str]) -> Optional[str]:
 
 
 def _closest_key(key: str, parser: Any) -> Optional[str]:
-    near = _closest(f"--{key}", _option_names(parser)) if parser is not None else None
-    return near[2:] if near else None
+    # compared without the dashes, which would make every short flag look alike
+    return _closest(key, [n[2:] for n in _option_names(parser)]) if parser is not None else None
 
 
 def _class_parser(class_path: str) -> Any:
