@@ -50,15 +50,16 @@ def _lightning_cli_class():
             from lmlab.parse_errors import config_error_from_parse
 
             # raise instead of printing the full usage; the error becomes one line naming the key
-            for p in (parser, *self._subcommand_parsers.values()):
+            verbs = getattr(self, "_subcommand_parsers", {})  # none where the CLI is built without subcommands
+            for p in (parser, *verbs.values()):
                 p.exit_on_error = False
             try:
                 super().parse_arguments(parser, args)
             except ArgumentError as e:
                 argv = list(sys.argv[1:] if args is None else args)
-                verb = next((a for a in argv if a in self._subcommand_parsers), None)
-                failed = getattr(e, "subcommand_parser", None) or self._subcommand_parsers.get(verb) or parser
-                raise config_error_from_parse(str(e), failed) from None
+                verb = next((a for a in argv if a in verbs), None)
+                failed = getattr(e, "subcommand_parser", None) or verbs.get(verb) or parser
+                raise config_error_from_parse(str(e), failed, flags=False, prog=f"lmlab {verb or 'fit'}") from None
 
         def instantiate_classes(self) -> None:
             try:

@@ -156,7 +156,8 @@ def read_settings(cls: type[T], data: Any, where: str = "") -> T:
     if isinstance(data, cls):
         return data
 
-    from lmlab.verbs import _UsageError, condense
+    from lmlab.parse_errors import config_error_from_parse
+    from lmlab.verbs import _UsageError
 
     data = _prepare(cls, {} if data is None else data, where)
     parser = _parser(cls)
@@ -170,7 +171,7 @@ def read_settings(cls: type[T], data: Any, where: str = "") -> T:
                 parser.parse_object(plain(data))
             except _UsageError as plain_error:
                 message = plain_error.message
-        raise _one_line(condense(message, parser, "settings"), cls, where) from None
+        raise _one_line(config_error_from_parse(message, parser, prog="settings"), cls, where) from None
     try:
         kwargs = parser.instantiate(cfg)
         return plain(cls(**{f.name: kwargs[f.name] for f in dataclasses.fields(cls) if f.init and f.name in kwargs}))

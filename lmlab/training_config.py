@@ -20,11 +20,20 @@ from typing import Any, Optional
 from lmlab.errors import ConfigError
 
 
-def _parsing_cli_class(budget: bool):
+def _parsing_cli_class(budget: bool, field: Optional[str]):
     from lmlab.cli import _lightning_cli_class
 
     class ParseOnlyCLI(_lightning_cli_class()):
         """The ``lmlab fit`` parser, stopped before any class is built or any seed is set."""
+
+        def parse_arguments(self, parser, args) -> None:
+            try:
+                super().parse_arguments(parser, args)
+            except ConfigError as err:  # one line naming the key as `lmlab fit` does; here under ``field``
+                if field is None:
+                    raise
+                where = field if err.field in ("arguments", "--config") else f"{field} {err.field}"
+                raise ConfigError(where, err.problem, err.fix) from None
 
         def _set_seed(self) -> None:
             pass
@@ -87,9 +96,6 @@ def parse_training_args(args: Sequence[str], *, field: Optional[str] = None, bud
     does, not what it is.
     """
     import lightning.pytorch as pl
-    from jsonargparse import ArgumentError
-
-    from lmlab.verbs import condense
 
     kept: list[str] = []
     skip = False
@@ -102,26 +108,18 @@ def parse_training_args(args: Sequence[str], *, field: Optional[str] = None, bud
             skip = name == "--ckpt_path" and "=" not in arg
             continue
         kept.append(arg)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # LightningCLI warns when handed args while sys.argv holds the tool's own
-            cli = _parsing_cli_class(budget)(
-                model_class=pl.LightningModule,
-                datamodule_class=pl.LightningDataModule,
-                subclass_mode_model=True,
-                subclass_mode_data=True,
-                args=kept,
-                run=False,
-                parser_kwargs={"default_env": False, "exit_on_error": False},
-                auto_configure_optimizers=False,
-            )
-    except ArgumentError as e:
-        err = condense(str(e), None, "lmlab fit")
-        key = err.field.lstrip("-")
-        if field is None:
-            raise ConfigError(err.field, err.problem, err.fix) from None
-        where = field if key in ("arguments", "config") else f"{field} {key}"
-        raise ConfigError(where, err.problem, err.fix) from None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # LightningCLI warns when handed args while sys.argv holds the tool's own
+        cli = _parsing_cli_class(budget, field)(
+            model_class=pl.LightningModule,
+            datamodule_class=pl.LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            args=kept,
+            run=False,
+            parser_kwargs={"default_env": False, "exit_on_error": False},
+            auto_configure_optimizers=False,
+        )
     return cli.config
 
 

@@ -21,16 +21,15 @@ stderr, ``lmlab VERB: error: <field>: <problem> (<fix>)``, with exit status 2.
 from __future__ import annotations
 
 import argparse
-import difflib
 import inspect
 import re
 import sys
-import textwrap
 import typing
 from collections.abc import Callable, Mapping
 from typing import Any, NoReturn, Optional, Union
 
 from lmlab.errors import ConfigError
+from lmlab.parse_errors import config_error_from_parse
 
 Command = Callable[..., Optional[int]]
 #: a verb: one command, or named sub-verbs (nested dicts allowed)
@@ -55,7 +54,7 @@ def _parser_class():
     from jsonargparse import ArgumentParser
 
     class VerbParser(ArgumentParser):
-        """jsonargparse parser whose errors are raised (and then condensed to one line)."""
+        """jsonargparse parser whose errors are raised (and then made one line by :mod:`lmlab.parse_errors`)."""
 
         def error(self, message: str, ex: Exception | None = None) -> NoReturn:  # type: ignore[override]
             raise _UsageError(message, self)
@@ -210,152 +209,6 @@ def _subparser(parser, argv: list[str]):
     return parser, start
 
 
-# --- one-line errors ----------------------------------------------------------------------------------
-
-
-def _settings_of(parser) -> str:
-    return ALT_SETTINGS_FLAG if parser is not None and ALT_SETTINGS_FLAG in _options(parser) else SETTINGS_FLAG
-
-
-def _flag(key: str) -> str:
-    return key if key.startswith("-") else f"--{key}"
-
-
-def _closest(name: str, candidates: list[str]) -> Optional[str]:
-    found = difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
-    return found[0] if found else None
-
-
-def _strip_subcommand(key: str, parser) -> str:
-    """``fit.n_col`` -> ``n_col`` (jsonargparse prefixes the keys of sub-verbs)."""
-    for name in getattr(parser, "_verb_path", ()):
-        if key.startswith(f"{name}."):
-            key = key[len(name) + 1 :]
-    return key
-
-
-def _nested_class_error(text: str) -> Optional[tuple[str, str, str]]:
-    """(key, class_path, inner message) of a jsonargparse error raised inside a ``class_path`` section."""
-    head = re.match(r'Parser key "([^"]+)":', text)
-    lines = text.splitlines()
-    for i, line in enumerate(lines):
-        m = re.match(r"( *)- Problem with given class_path '([^']+)':\s*$", line)
-        if head and m:
-            indent = len(m.group(1))
-            block = []
-            for nxt in lines[i + 1 :]:
-                if nxt.strip() and len(nxt) - len(nxt.lstrip()) <= indent:
-                    break
-                block.append(nxt)
-            return head.group(1), m.group(2), textwrap.dedent("\n".join(block)).strip()
-    return None
-
-
-def _class_parser(class_path: str):
-    """A parser of ``class_path``'s arguments, to suggest the closest key; None if it cannot be built."""
-    try:
-        import importlib
-
-        module, _, name = class_path.rpartition(".")
-        cls = getattr(importlib.import_module(module), name)
-        parser = _parser_class()(env_prefix=False, default_env=False)
-        parser.add_class_arguments(cls, sub_configs=True, fail_untyped=False)
-        return parser
-    except Exception:  # only a hint is lost
-        return None
-
-
-def _type_name(text: str) -> str:
-    m = re.match(r"<class '([\w.]+)'>", text.strip())
-    return m.group(1).rsplit(".", 1)[-1] if m else text.strip()
-
-
-def condense(message: str, parser, prog: str) -> ConfigError:
-    """One :class:`ConfigError` (field, problem, fix) from a multi-line jsonargparse message."""
-    text = message.strip()
-    help_fix = f"see `{prog} --help`"
-    opts = sorted(_options(parser)) if parser is not None else []
-    nested = _nested_class_error(text)
-    if nested:  # an error inside a class_path/init_args section: report the inner key, as the user wrote it
-        outer_key, class_path, inner_text = nested
-        outer = _strip_subcommand(outer_key, parser)
-        inner = condense(inner_text, _class_parser(class_path), prog)
-        if inner.field == "arguments":
-            return ConfigError(_flag(outer), inner.problem, inner.fix)
-        suggested = re.fullmatch(r"did you mean (-*)(\S+)\?", inner.fix or "")
-        if suggested:
-            fix = f"did you mean {suggested.group(1)}{outer}.{suggested.group(2)}?"
-        else:
-            fix = (inner.fix or "").replace(" --", f" --{outer}.")
-        return ConfigError(f"--{outer}.{inner.field.lstrip('-')}", inner.problem, fix)
-    m = re.match(r'Parser key "([^"]+)":\s*(.*)', text, re.S)
-    if m:
-        key, body = _strip_subcommand(m.group(1), parser), m.group(2)
-        unknown = re.search(r"Option '([^']+)' is not accepted", body)
-        if unknown:
-            return ConfigError(_flag(f"{key}.{unknown.group(1)}"), "unknown key", help_fix)
-        if key in ("config", "settings") or "File does not exist" in body or "Unable to load config" in body:
-            where = re.search(r"File does not exist: '?([^'\n]+)'?", body)
-            problem = f"{where.group(1)} does not exist" if where else body.splitlines()[0].strip()
-            return ConfigError(_flag(key), problem, "give an existing YAML file (--print_config writes one)")
-        literal = re.search(r"Expected a typing\.Literal\[([^\]]*)\]", body)
-        given = re.search(r"(?:Given value|Got value): ([^\n]*)", body)
-        if literal:
-            value = given.group(1).strip() if given else ""
-            choices = [c.strip(" '\"") for c in literal.group(1).split(",")]
-            near = _closest(value, choices)
-            fix = f"choose one of {', '.join(choices)}" + (f"; did you mean {near}?" if near else "")
-            return ConfigError(_flag(key), f"invalid choice {value!r}", fix)
-        types = [t for t in (_type_name(x) for x in re.findall(r"Expected a (<class '[\w.]+'>|[^\n.]+)", body)) if t != "NoneType"]
-        got = f", got {given.group(1).strip()!r}" if given else ""
-        if types:
-            kinds = " or ".join(dict.fromkeys(types))
-            return ConfigError(_flag(key), f"expected {kinds}{got}", f"give {_flag(key)} a value of type {kinds}")
-        first = next((ln.strip() for ln in body.splitlines() if ln.strip()), "invalid value")
-        return ConfigError(_flag(key), first, help_fix)
-    m = re.match(r"Option '([^']+)' is not accepted", text)
-    if m:
-        near = _closest(_flag(m.group(1)), opts)
-        return ConfigError(_flag(m.group(1)), "unknown key", f"did you mean {near}?" if near else help_fix)
-    if text.startswith("Problems parsing config"):
-        detail = " ".join(ln.strip() for ln in text.splitlines()[1:] if ln.strip())[:200]
-        return ConfigError(_settings_of(parser), f"not a valid YAML mapping ({detail})", "fix the file or write a new one with --print_config")
-    m = re.match(r"unrecognized arguments: (\S+)", text)
-    if m:
-        bad = m.group(1)
-        if not bad.startswith("-"):
-            return ConfigError("arguments", f"unexpected argument {bad!r}", help_fix)
-        name = bad.partition("=")[0].rstrip("+")
-        near = _closest(name, opts)
-        return ConfigError(name, "unknown option", f"did you mean {near}?" if near else help_fix)
-    m = re.search(r"(?:(?:Group|Subcommand) '([^']+)' does not accept option|Key) '([^']+)'", text)
-    if m and ("accept" in text or "not expected" in text):
-        group = m.group(1) if m.group(1) and not text.startswith("Subcommand") else None
-        key = _strip_subcommand(f"{group}.{m.group(2)}" if group else m.group(2), parser)
-        near = _closest(_flag(key), opts)
-        return ConfigError(key, "unknown key", f"did you mean {near.lstrip('-')}?" if near else help_fix)
-    m = re.match(r"the following arguments are required: (.*)", text)
-    if m:
-        keys = [_strip_subcommand(k.strip(), parser) for k in m.group(1).split(",")]
-        positional = {a.dest for a in (parser._actions if parser is not None else []) if not a.option_strings}
-        field = keys[0] if keys[0] in positional else _flag(keys[0])
-        more = f" (also {', '.join(keys[1:])})" if len(keys) > 1 else ""
-        return ConfigError(field, f"required{more}", f"give {field} on the command line or in {_settings_of(parser)}")
-    m = re.search(r'expected "(\w+)" to be one of \{([^}]*)\}', text)
-    if m:
-        return ConfigError(m.group(1), "no sub-command given", f"choose one of {m.group(2).replace(',', ', ')}")
-    m = re.search(r"argument (\w+): invalid choice: '([^']*)' \(choose from (.*)\)", text)
-    if m:
-        choices = [c.strip(" '") for c in m.group(3).split(",")]
-        near = _closest(m.group(2), choices)
-        return ConfigError(m.group(1), f"unknown sub-command {m.group(2)!r}",
-                           f"did you mean {near}?" if near else f"choose one of {', '.join(choices)}")
-    m = re.match(r"argument (\S+): (.*)", text)
-    if m:
-        return ConfigError(m.group(1).split("/")[0], m.group(2).splitlines()[0], help_fix)
-    return ConfigError("arguments", " ".join(ln.strip() for ln in text.splitlines() if ln.strip()), help_fix)
-
-
 # --- running --------------------------------------------------------------------------------------------
 
 
@@ -399,7 +252,7 @@ def run(
         try:
             cfg = parser.parse_args(argv)
         except _UsageError as e:
-            raise condense(e.message, target, target.prog.replace(" [options]", "")) from None
+            raise config_error_from_parse(e.message, target, prog=target.prog.replace(" [options]", "")) from None
         init = parser.instantiate(cfg)
         fn, init = _select(commands, init)
         return int(fn(**_kwargs(init, fn)) or 0)
