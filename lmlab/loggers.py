@@ -35,15 +35,18 @@ class WandbLogger(_LightningWandbLogger):
         offline: ``None`` decides from the environment: offline when
             ``WANDB_MODE`` is ``offline``/``disabled`` or no API key is found.
         **kwargs: Everything Lightning's ``WandbLogger`` takes (project, name,
-            group, tags, save_dir, log_model, ...).
+            group, tags, log_model, ...).
+        save_dir: Where the offline run is written; unset, ``lmlab fit``
+            uses the run folder (``trainer.default_root_dir``).
     """
 
-    def __init__(self, offline: Optional[bool] = None, save_dir: str = "runs", **kwargs: Any):
+    def __init__(self, offline: Optional[bool] = None, save_dir: Optional[str] = None, **kwargs: Any):
         mode = os.environ.get("WANDB_MODE", "").lower()
         if offline is None:
             offline = mode in ("offline", "dryrun", "disabled") or not wandb_credentials_available()
         if offline:
             os.environ.setdefault("WANDB_MODE", "offline")
+        save_dir = save_dir or "."  # `lmlab fit` fills in the run folder (trainer.default_root_dir)
         os.makedirs(save_dir, exist_ok=True)
         super().__init__(offline=offline, save_dir=save_dir, **kwargs)
         if self._wandb_init.get("anonymous") is None:
