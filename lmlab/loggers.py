@@ -1,5 +1,9 @@
 """Experiment loggers.
 
+:class:`CSVLogger` is Lightning's CSV logger whose ``save_dir`` may be left
+out: ``lmlab fit`` then writes into the run folder, ``trainer.default_root_dir``
+(Lightning's own CSV and TensorBoard loggers require the folder).
+
 :class:`WandbLogger` is Lightning's W&B logger that goes offline by itself when
 there is no way to reach a server (no API key, or ``WANDB_MODE=offline``), so
 the same YAML runs on a laptop, in CI and on a cluster. Offline runs are
@@ -12,6 +16,7 @@ import netrc
 import os
 from typing import Any, Optional
 
+from lightning.pytorch.loggers import CSVLogger as _LightningCSVLogger
 from lightning.pytorch.loggers import WandbLogger as _LightningWandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -26,6 +31,21 @@ def wandb_credentials_available() -> bool:
         return False
     host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].split("/")[0]
     return rc.authenticators(host) is not None
+
+
+class CSVLogger(_LightningCSVLogger):
+    """Lightning's ``CSVLogger`` (``<save_dir>/<name>/version_N/metrics.csv``) with an optional ``save_dir``.
+
+    Args:
+        save_dir: The folder above ``name``; unset, ``lmlab fit`` uses the run
+            folder (``trainer.default_root_dir``), elsewhere the current folder.
+        name, version, prefix, flush_logs_every_n_steps: As in Lightning.
+    """
+
+    def __init__(self, save_dir: Optional[str] = None, name: Optional[str] = "csv", version: Optional[int | str] = None,
+                 prefix: str = "", flush_logs_every_n_steps: int = 100):
+        super().__init__(save_dir=save_dir or ".", name=name, version=version, prefix=prefix,
+                         flush_logs_every_n_steps=flush_logs_every_n_steps)
 
 
 class WandbLogger(_LightningWandbLogger):

@@ -233,7 +233,7 @@ def test_default_root_dir_alone_names_the_run_folder(shared, tmp_path):
     """Checkpoints, logs and the run summary all follow --trainer.default_root_dir when the YAML names no other
     folder; the fresh-run refusal and the lock guard that derived folder too."""
     cfg = make_config(tmp_path, shared, **{
-        "trainer.logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"name": "csv"}},
+        "trainer.logger": {"class_path": "lmlab.loggers.CSVLogger", "init_args": {"name": "csv"}},
         "trainer.callbacks": [{"class_path": CHECKPOINT, "init_args": {"save_last": True, "every_n_train_steps": 2}},
                               {"class_path": "lmlab.scaling.run_summary.RunSummary"}]})
     run = tmp_path / "moved"
