@@ -118,9 +118,10 @@ def logs_follow_run_folder(cfg: Any) -> None:
 
     Lightning only does this for the logger it creates itself; the loggers a
     config names are built before the Trainer exists and never see it, so the
-    folder is filled into the config before anything is instantiated. (A logger
-    whose ``save_dir`` has a default of its own, like Lightning's
-    ``WandbLogger`` with ``"."``, keeps it.)
+    folder is filled into the config before anything is instantiated. The
+    loggers in :mod:`lmlab.loggers` leave ``save_dir`` optional for this
+    (Lightning's CSV and TensorBoard loggers require it; its ``WandbLogger``
+    keeps its own default, ``"."``).
     """
     trainer = cfg.get("trainer") if hasattr(cfg, "get") else None
     if trainer is None:
