@@ -184,7 +184,8 @@ def check_fresh_run(dirs: Iterable[Path]) -> None:
         if old:
             names = ", ".join(p.name for p in old[:3]) + (", ..." if len(old) > 3 else "")
             raise ConfigError("ckpt_path", f"{d} already holds checkpoints of an earlier run ({names})",
-                              f"resume it with --ckpt_path last, or remove {d}, or give this run another --trainer.default_root_dir")
+                              f"resume it with --ckpt_path last, remove {d}, or give this run another "
+                              "--trainer.default_root_dir")
 
 
 # model.config fields that change parameter shapes, named first when a checkpoint does not fit
