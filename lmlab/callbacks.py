@@ -10,6 +10,7 @@ run that "no pre-optimization state was saved" (and ignores
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -27,6 +28,10 @@ class ModelCheckpoint(_LightningModelCheckpoint):
     resumed run writes into its own non-empty folder by design, so the
     "directory exists and is not empty" warning is left out when ``resuming``
     is set (``lmlab fit --ckpt_path ...`` sets it).
+
+    Without ``dirpath`` the checkpoints go to ``<trainer.default_root_dir>/checkpoints``
+    (Lightning would bury them in the first logger's ``name/version_N/``
+    folder), so ``trainer.default_root_dir`` alone names a run's folder.
     """
 
     resuming: bool = False
@@ -53,6 +58,15 @@ class ModelCheckpoint(_LightningModelCheckpoint):
             return
         self._save_topk_checkpoint(trainer, candidates)
         self._save_last_checkpoint(trainer, candidates)
+
+    def run_dirpath(self, trainer) -> str:
+        """The folder this callback writes to in ``trainer``'s run (known before the fit starts)."""
+        if self.dirpath is not None:
+            return str(self.dirpath)
+        return os.path.join(trainer.default_root_dir, "checkpoints")
+
+    def _ModelCheckpoint__resolve_ckpt_dir(self, trainer):  # noqa: N802 - overrides where Lightning derives dirpath
+        return self.run_dirpath(trainer)
 
     def _ModelCheckpoint__warn_if_dir_not_empty(self, dirpath) -> None:  # noqa: N802 - overrides the private check
         if not self.resuming:

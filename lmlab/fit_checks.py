@@ -108,8 +108,35 @@ def check_output_dirs(cfg: Mapping) -> None:
             raise ConfigError(field, f"cannot write to {folder}: {why}", "choose a folder you can write to")
 
 
+def _loggers(trainer: Any) -> list:
+    loggers = trainer.get("logger") if hasattr(trainer, "get") else None
+    return [lg for lg in (loggers if isinstance(loggers, list) else [loggers]) if hasattr(lg, "get") and lg.get("init_args")]
+
+
+def logs_follow_run_folder(cfg: Any) -> None:
+    """A logger given without ``save_dir`` writes into the run folder, ``trainer.default_root_dir``.
+
+    Lightning only does this for the logger it creates itself; the loggers a
+    config names are built before the Trainer exists and never see it, so the
+    folder is filled into the config before anything is instantiated. The
+    loggers in :mod:`lmlab.loggers` leave ``save_dir`` optional for this
+    (Lightning's CSV and TensorBoard loggers require it; its ``WandbLogger``
+    keeps its own default, ``"."``).
+    """
+    trainer = cfg.get("trainer") if hasattr(cfg, "get") else None
+    if trainer is None:
+        return
+    root = trainer.get("default_root_dir") or "."
+    for logger in _loggers(trainer):
+        args = logger["init_args"] if isinstance(logger, Mapping) else logger.init_args
+        if "save_dir" in args and args["save_dir"] is None:
+            args["save_dir"] = str(root)
+
+
 def check_config(cfg: Mapping) -> None:
-    """The config-level checks of a fit (before any class is instantiated)."""
+    """The config-level checks of a fit (before any class is instantiated); loggers without ``save_dir`` are
+    pointed at the run folder first, so their folder is checked too."""
+    logs_follow_run_folder(cfg)
     check_trainer(cfg.get("trainer") or {})
     check_output_dirs(cfg)
 
@@ -118,14 +145,17 @@ def check_config(cfg: Mapping) -> None:
 
 
 def checkpoint_dirs(trainer) -> list[Path]:
-    """The explicit ``dirpath`` of every ModelCheckpoint of a Trainer (derived ones are per-version and never
-    shared between runs)."""
+    """The checkpoint folder of every ModelCheckpoint of a Trainer: its ``dirpath``, or for lmlab's callback the
+    run folder's ``checkpoints`` (Lightning's own derived folders are per-version and never shared between runs)."""
     from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lmlab.callbacks import ModelCheckpoint as RunModelCheckpoint
 
     dirs = []
     for cb in trainer.callbacks:
-        if isinstance(cb, ModelCheckpoint) and cb.dirpath:
-            path = Path(os.path.expanduser(str(cb.dirpath))).resolve()
+        folder = cb.run_dirpath(trainer) if isinstance(cb, RunModelCheckpoint) else getattr(cb, "dirpath", None)
+        if isinstance(cb, ModelCheckpoint) and folder:
+            path = Path(os.path.expanduser(str(folder))).resolve()
             if path not in dirs:
                 dirs.append(path)
     return dirs
@@ -154,7 +184,8 @@ def check_fresh_run(dirs: Iterable[Path]) -> None:
         if old:
             names = ", ".join(p.name for p in old[:3]) + (", ..." if len(old) > 3 else "")
             raise ConfigError("ckpt_path", f"{d} already holds checkpoints of an earlier run ({names})",
-                              f"resume it with --ckpt_path last, or remove {d} or set another ModelCheckpoint dirpath")
+                              f"resume it with --ckpt_path last, remove {d}, or give this run another "
+                              "--trainer.default_root_dir")
 
 
 # model.config fields that change parameter shapes, named first when a checkpoint does not fit
@@ -252,7 +283,7 @@ class RunFolderLock:
                     holder = f"process {e.pid}" if e.pid else "another process"
                     raise ConfigError("trainer.callbacks.ModelCheckpoint.dirpath",
                                       f"{folder} is in use by another `lmlab fit` ({holder})",
-                                      "wait for it to finish, or give this run another dirpath") from None
+                                      "wait for it to finish, or give this run another --trainer.default_root_dir") from None
                 taken.append(lock)
         except BaseException:
             for lock in taken:

@@ -6,6 +6,7 @@ checkpoint decide fail before any data setup or training.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -223,3 +224,44 @@ def test_stale_lock_is_taken_over_and_removed(shared, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert (ckpt_dir / "last.ckpt").is_file()
     assert not list(tmp_path.rglob("*.lock"))
+
+
+# --- trainer.default_root_dir names the run folder --------------------------------------------------
+
+
+def test_default_root_dir_alone_names_the_run_folder(shared, tmp_path):
+    """Checkpoints, logs and the run summary all follow --trainer.default_root_dir when the YAML names no other
+    folder; the fresh-run refusal and the lock guard that derived folder too."""
+    cfg = make_config(tmp_path, shared, **{
+        "trainer.logger": {"class_path": "lmlab.loggers.CSVLogger", "init_args": {"name": "csv"}},
+        "trainer.callbacks": [{"class_path": CHECKPOINT, "init_args": {"save_last": True, "every_n_train_steps": 2}},
+                              {"class_path": "lmlab.scaling.run_summary.RunSummary"}]})
+    run = tmp_path / "moved"
+    r = run_cli("fit", "--config", str(cfg), "--trainer.default_root_dir", str(run))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    assert list((run / "csv").glob("version_0/metrics.csv"))
+    records = (run / "results.jsonl").read_text().splitlines()
+    assert len(records) == 1 and json.loads(records[0])["results_file"] == str(run / "results.jsonl")
+    assert not (tmp_path / "run").exists()  # nothing went to the YAML's own default_root_dir
+    assert not list(tmp_path.rglob("*.lock"))
+
+    before = sorted(p.name for p in (run / "checkpoints").iterdir())
+    r = run_cli("fit", "--config", str(cfg), "--trainer.default_root_dir", str(run))
+    assert_one_line_error(r, "ckpt_path", "already holds checkpoints", "--ckpt_path last")
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before  # no last-v1.ckpt
+
+    lock = tmp_path / "fresh" / "checkpoints.lock"
+    lock.parent.mkdir()
+    code = ("import sys, time; from lmlab.atomic import FileLock; FileLock(sys.argv[1]).acquire(); "
+            "print('held', flush=True); time.sleep(120)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(lock)], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        r = run_cli("fit", "--config", str(cfg), "--trainer.default_root_dir", str(tmp_path / "fresh"))
+        assert_one_line_error(r, "trainer.callbacks.ModelCheckpoint.dirpath", "in use", f"process {holder.pid}")
+        assert not list((tmp_path / "fresh").rglob("*.ckpt"))
+    finally:
+        holder.kill()
+        holder.wait()

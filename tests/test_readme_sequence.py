@@ -77,6 +77,8 @@ def test_the_readme_sequence_runs_as_written(shared_data, repo_root, tmp_path):
     sft = pick(commands, "offline SFT", lambda c: c[:4] == ["lmlab", "fit", "--config", "experiments/sft.yaml"]
                and "--data.source" in c)
     plan = pick(commands, "plan", lambda c: c[:2] == ["lmlab", "plan"] and "--config" in c)
+    override = pick(commands, "override", lambda c: c[:4] == ["lmlab", "fit", "--config", "experiments/quickstart.yaml"]
+                    and any(t.startswith("--model.config.") for t in c))
     for toks in (evaluate, perplexity, export, sft):
         assert QS_CKPT in toks  # every later stage reads the checkpoint the quickstart writes
 
@@ -86,6 +88,15 @@ def test_the_readme_sequence_runs_as_written(shared_data, repo_root, tmp_path):
     assert list((work / "runs/quickstart/csv").glob("version_*/metrics.csv"))
     source = open_checkpoint(qs)
     assert source.stage == "pretrain" and source.meta.get("tokenizer_files")
+
+    # the README's override example, run next: its own run folder, the quickstart's left as it was
+    qs_bytes = qs.read_bytes()
+    run(override, "--trainer.max_steps=2")
+    root = next(t.split("=", 1)[1] for t in override if t.startswith("--trainer.default_root_dir="))
+    assert root != "runs/quickstart" and (work / root / "checkpoints/last.ckpt").is_file()
+    assert (work / root / "results.jsonl").is_file() and list((work / root / "csv").glob("version_*/metrics.csv"))
+    assert open_checkpoint(work / root / "checkpoints/last.ckpt").require_config().n_layers == 6
+    assert qs.read_bytes() == qs_bytes and not list(qs.parent.glob("last-v*.ckpt"))
 
     run(evaluate, "--limit", "2")
     out = work / evaluate[evaluate.index("--out") + 1]

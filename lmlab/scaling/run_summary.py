@@ -14,8 +14,9 @@
 
 and writes it to
 
-* ``results_file``: one JSON line per run, appended under a file lock;
-* ``csv_file`` (optional): one row per run with the columns ``lmlab scaling
+* ``results_file`` (default: ``results.jsonl`` in the run folder,
+  ``trainer.default_root_dir``): one JSON line per run, appended under a file lock;
+* ``csv_file`` (optional; ``true``: the run folder's ``results.csv``): one row per run with the columns ``lmlab scaling
   fit`` reads (N, D, C, loss, ...);
 * the active W&B run's summary, when a W&B logger is attached;
 * ``$LMLAB_RUN_RESULT`` when set: the record alone as one JSON file, written
@@ -45,7 +46,7 @@ import platform
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import lightning.pytorch as pl
 import torch
@@ -195,12 +196,15 @@ class RunSummary(pl.Callback):
     validation schedule would not.
 
     Args:
-        results_file: JSON-lines file that gets one record per run.
-        csv_file: CSV file that gets one row per run (None: no CSV).
+        results_file: JSON-lines file that gets one record per run (unset:
+            ``results.jsonl`` in the run folder, ``trainer.default_root_dir``).
+        csv_file: CSV file that gets one row per run; ``true``:
+            ``results.csv`` in the run folder; unset: no CSV.
         validate_at_end: Force a validation at the last step when needed.
     """
 
-    def __init__(self, results_file: str = "runs/results.jsonl", csv_file: Optional[str] = None, validate_at_end: bool = True):
+    def __init__(self, results_file: Optional[str] = None, csv_file: Union[bool, str, None] = None,
+                 validate_at_end: bool = True):
         super().__init__()
         self.results_file = results_file
         self.csv_file = csv_file
@@ -227,9 +231,10 @@ class RunSummary(pl.Callback):
         self.record = record
         if not trainer.is_global_zero:
             return
-        append_jsonl(self.results_file, record)
-        if self.csv_file:
-            append_csv(self.csv_file, record)
+        append_jsonl(self.results_path(trainer), record)
+        table = self.csv_path(trainer)
+        if table:
+            append_csv(table, record)
         target = os.environ.get(RESULT_ENV)
         if target:
             atomic_write_json(target, _jsonable(record), allow_nan=False)
@@ -237,8 +242,18 @@ class RunSummary(pl.Callback):
         loss = record.get("loss")
         rank_zero_info(
             f"lmlab run summary: N={record['N']:,} D={record['D']:,} C={record['C']:.3e} "
-            f"loss={'n/a' if loss is None else f'{loss:.4f}'} -> {self.results_file}"
+            f"loss={'n/a' if loss is None else f'{loss:.4f}'} -> {self.results_path(trainer)}"
         )
+
+    def results_path(self, trainer: pl.Trainer) -> str:
+        """Where this run's JSON line goes: ``results_file``, else the run folder's ``results.jsonl``."""
+        return str(self.results_file) if self.results_file else os.path.join(trainer.default_root_dir, "results.jsonl")
+
+    def csv_path(self, trainer: pl.Trainer) -> Optional[str]:
+        """Where this run's CSV row goes (None: no CSV)."""
+        if self.csv_file is True:
+            return os.path.join(trainer.default_root_dir, "results.csv")
+        return str(self.csv_file) if self.csv_file else None
 
     # -- the record ------------------------------------------------------------------------
     def build_record(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
@@ -318,7 +333,7 @@ class RunSummary(pl.Callback):
                 "trainer": {"max_steps": int(trainer.max_steps), "precision": str(trainer.precision), "world_size": int(trainer.world_size)},
             },
             "sweep_params": _sweep_params(),
-            "results_file": str(self.results_file),
+            "results_file": self.results_path(trainer),
         }
         return _jsonable(record)
 
