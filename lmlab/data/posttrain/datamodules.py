@@ -23,6 +23,7 @@ import hashlib
 import json
 import random
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Literal, Optional, Sequence
 
 import lightning.pytorch as pl
@@ -32,10 +33,10 @@ from torch.utils.data import DataLoader, Dataset
 from lmlab.data.posttrain.chat import IGNORE_INDEX, stop_token_ids
 from lmlab.data.posttrain.records import (
     Format,
-    PackedSFTCollator,
-    PromptCollator,
-    SFTCollator,
     collate_preferences,
+    collate_prompts,
+    collate_sft,
+    pack_sft,
     read_preferences,
     read_prompts,
     read_sft,
@@ -435,8 +436,8 @@ class SFTDataModule(_PostTrainDataModule):
 
     def _collate(self):
         if self.packing:
-            return PackedSFTCollator(self.max_length, self.pad_id)
-        return SFTCollator(self.pad_id)
+            return partial(pack_sft, max_length=self.max_length, pad_id=self.pad_id)
+        return partial(collate_sft, pad_id=self.pad_id)
 
 
 # --------------------------------------------------------------------------- preferences
@@ -602,4 +603,4 @@ class PromptDataModule(_PostTrainDataModule):
         return max(len(ex["input_ids"]) for ex in [*self.train_examples, *self.val_examples])
 
     def _collate(self):
-        return PromptCollator(self.pad_id)
+        return partial(collate_prompts, pad_id=self.pad_id)

@@ -49,7 +49,6 @@ __all__ = [
     "tokenize_sft", "build_preference_example", "tokenize_preferences",
     "build_prompt_example", "tokenize_prompts",
     "collate_sft", "collate_preferences", "collate_prompts", "pack_sft",
-    "SFTCollator", "PreferenceCollator", "PromptCollator", "PackedSFTCollator",
 ]
 
 
@@ -709,46 +708,3 @@ def pack_sft(batch: Sequence[Mapping[str, Any]], max_length: int, pad_id: int) -
             docs[r, start : start + n] = d
             start += n
     return {"input_ids": ids, "labels": labels, "attention_mask": (docs >= 0).long(), "position_ids": pos, "doc_ids": docs}
-
-
-@dataclass
-class SFTCollator:
-    """Picklable ``collate_fn`` wrapping :func:`collate_sft`."""
-
-    pad_id: int
-    pad_to_multiple_of: int | None = None
-
-    def __call__(self, batch: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
-        return collate_sft(batch, self.pad_id, self.pad_to_multiple_of)
-
-
-@dataclass
-class PreferenceCollator:
-    """Picklable ``collate_fn`` wrapping :func:`collate_preferences`."""
-
-    pad_id: int
-    pad_to_multiple_of: int | None = None
-
-    def __call__(self, batch: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
-        return collate_preferences(batch, self.pad_id, self.pad_to_multiple_of)
-
-
-@dataclass
-class PromptCollator:
-    """Picklable ``collate_fn`` wrapping :func:`collate_prompts` (left padding)."""
-
-    pad_id: int
-
-    def __call__(self, batch: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-        return collate_prompts(batch, self.pad_id)
-
-
-@dataclass
-class PackedSFTCollator:
-    """Picklable ``collate_fn`` wrapping :func:`pack_sft`; the row count varies, the token budget does not."""
-
-    max_length: int
-    pad_id: int
-
-    def __call__(self, batch: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
-        return pack_sft(batch, self.max_length, self.pad_id)
