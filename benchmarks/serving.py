@@ -133,6 +133,7 @@ def main() -> None:
     ap.add_argument("--n_layers", type=int, default=4)
     ap.add_argument("--transformers", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--continuous_batching", action="store_true", help="run transformers serve with --continuous-batching")
+    ap.add_argument("--threads", type=int, default=2, help="intra-op threads of each server process (BLAS and torch), the same for both")
     ap.add_argument("--out", help="write the results as JSON here")
     args = ap.parse_args()
 
@@ -143,7 +144,10 @@ def main() -> None:
     tok = load_tokenizer(str(model_dir))
     rng = random.Random(1)
     prompts = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 40))) for _ in range(args.prompts)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    # both servers get the same pinned thread count, so the ratio does not swing with machine load
+    threads = str(args.threads)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads}
     rows = []
 
     port = free_port()
