@@ -128,3 +128,19 @@ def test_a_lock_file_naming_a_live_process_is_honoured_without_its_flock(tmp_pat
         FileLock(path).acquire(timeout=0)
     assert info.value.pid == os.getppid()
     assert path.read_text() == str(os.getppid())  # someone else's lock is left alone
+
+
+def test_a_tokenizer_published_first_is_kept_by_a_second_trainer(tmp_path):
+    # two ranks on separate nodes may both train the mixture's tokenizer into one shared folder: the second
+    # must not swap the folder under the first (it could be loading it) but take the one already there
+    from lmlab.data.tokenizer import train_bpe
+
+    texts = ["the quick brown fox jumps over the lazy dog " * 20, "pack my box with five dozen liquor jugs " * 20]
+    out = tmp_path / "tok"
+    first = train_bpe(texts, 300, out)
+    inode = out.stat().st_ino
+    second = train_bpe(texts, 320, out, replace=False)
+    assert out.stat().st_ino == inode and len(second) == len(first)
+    assert not [p for p in tmp_path.iterdir() if p.name != "tok"]  # the discarded copy is gone
+    third = train_bpe(texts, 320, out)  # the default still replaces (lmlab tokenizer train --out)
+    assert out.stat().st_ino != inode and len(third) != len(first)

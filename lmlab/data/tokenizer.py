@@ -41,7 +41,8 @@ class TokenizerTrainConfig:
     min_frequency: int = 2
 
 
-def train_bpe(texts: Iterable[str], vocab_size: int, out_dir: str | os.PathLike, min_frequency: int = 2):
+def train_bpe(texts: Iterable[str], vocab_size: int, out_dir: str | os.PathLike, min_frequency: int = 2,
+              replace: bool = True):
     """Train a byte-level BPE on ``texts`` and save it to ``out_dir`` atomically.
 
     Returns the loaded ``PreTrainedTokenizerFast``.
@@ -66,11 +67,12 @@ def train_bpe(texts: Iterable[str], vocab_size: int, out_dir: str | os.PathLike,
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
-    return save_tokenizer(tok, out_dir)
+    return save_tokenizer(tok, out_dir, replace=replace)
 
 
-def save_tokenizer(tok, out_dir: str | os.PathLike):
-    """Wrap a ``tokenizers.Tokenizer`` as ``PreTrainedTokenizerFast`` and save it atomically."""
+def save_tokenizer(tok, out_dir: str | os.PathLike, replace: bool = True):
+    """Wrap a ``tokenizers.Tokenizer`` as ``PreTrainedTokenizerFast`` and save it atomically (``replace=False``:
+    an ``out_dir`` that another process published meanwhile is kept)."""
     from transformers import PreTrainedTokenizerFast
 
     fast = PreTrainedTokenizerFast(
@@ -87,7 +89,7 @@ def save_tokenizer(tok, out_dir: str | os.PathLike):
     except ImportError:  # pragma: no cover - chat support is part of the package
         pass
     out_dir = Path(out_dir)
-    with staged_dir(out_dir) as tmp:
+    with staged_dir(out_dir, replace=replace) as tmp:
         fast.save_pretrained(tmp)
     return load_tokenizer(str(out_dir))
 

@@ -164,7 +164,9 @@ class PretrainDataModule(pl.LightningDataModule):
         if self.tokenizer is not None:
             return
         if self.tokenizer_train is not None and not os.path.exists(os.path.expanduser(self.tokenizer_spec)):
-            self.tokenizer = train_tokenizer_on_mixture(self.sources, self.tokenizer_spec, self.tokenizer_train)
+            # ranks on separate nodes sharing one filesystem may both train it: the same seed gives the same
+            # tokenizer, and the first one published is kept rather than swapped under a rank that is loading it
+            self.tokenizer = train_tokenizer_on_mixture(self.sources, self.tokenizer_spec, self.tokenizer_train, replace=False)
         else:
             self.tokenizer = load_tokenizer(self.tokenizer_spec)
 
@@ -294,8 +296,9 @@ class PretrainDataModule(pl.LightningDataModule):
         self._resume_step = int(state.get("step", 0))
 
 
-def train_tokenizer_on_mixture(sources: list[SourceConfig], out_dir: str, cfg: TokenizerTrainConfig):
-    """Train a byte-level BPE on a sample of the mixture, each source by its weight."""
+def train_tokenizer_on_mixture(sources: list[SourceConfig], out_dir: str, cfg: TokenizerTrainConfig, replace: bool = True):
+    """Train a byte-level BPE on a sample of the mixture, each source by its weight (``replace=False`` keeps a
+    tokenizer another process saved at ``out_dir`` first)."""
     total_w = sum(s.weight for s in sources)
 
     def texts():
@@ -309,4 +312,4 @@ def train_tokenizer_on_mixture(sources: list[SourceConfig], out_dir: str, cfg: T
                 used += len(doc)
                 yield doc
 
-    return train_bpe(texts(), cfg.vocab_size, out_dir, cfg.min_frequency)
+    return train_bpe(texts(), cfg.vocab_size, out_dir, cfg.min_frequency, replace=replace)
