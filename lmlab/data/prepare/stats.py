@@ -31,6 +31,19 @@ def word_tokens(text: str) -> list[str]:
     return WORD_TOKEN_RE.findall(text.lower())
 
 
+
+def _ngrams_upto(grams: dict[int, np.ndarray], word_hashes: np.ndarray, n: int) -> np.ndarray:
+    """The n-gram hashes of ``word_hashes`` from the cache ``grams``, extended one order at a time from
+    the largest order computed so far (asking for n = 2, 3, ..., 10 costs one vectorised step each)."""
+    if n not in grams:
+        if not grams:
+            grams[1] = word_hashes
+        k = max(grams)
+        while k < n:
+            grams[k + 1] = extend_ngrams(grams[k], word_hashes, k)
+            k += 1
+    return grams[n]
+
 class DocStats:
     """Lazily computed, cached views of one document's text.
 
@@ -138,15 +151,7 @@ its hashes are the word tokens of datatrove's English tokenizer (Gopher rules). 
 
     def ref_ngram_hashes(self, n: int) -> np.ndarray:
         """Unmixed hashes of the n-grams of :attr:`ref_words` (equal n-grams, equal hashes)."""
-        grams = self._ref_ngrams
-        if n not in grams:
-            if not grams:
-                grams[1] = self.ref_word_hashes
-            k = max(grams)
-            while k < n:
-                grams[k + 1] = extend_ngrams(grams[k], self.ref_word_hashes, k)
-                k += 1
-        return grams[n]
+        return _ngrams_upto(self._ref_ngrams, self.ref_word_hashes, n)
 
     @cached_property
     def tokens(self) -> list[str]:
@@ -159,12 +164,4 @@ its hashes are the word tokens of datatrove's English tokenizer (Gopher rules). 
         Built incrementally from the largest ``n`` computed so far, so asking for
         n = 2, 3, ..., 10 in turn costs one vectorised step each.
         """
-        grams = self._ngrams
-        if n not in grams:
-            if not grams:
-                grams[1] = self.word_hashes
-            k = max(grams)
-            while k < n:
-                grams[k + 1] = extend_ngrams(grams[k], self.word_hashes, k)
-                k += 1
-        return grams[n]
+        return _ngrams_upto(self._ngrams, self.word_hashes, n)
