@@ -13,7 +13,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import numpy as np
 
@@ -92,6 +92,32 @@ def save_tokenizer(tok, out_dir: str | os.PathLike, replace: bool = True):
     with staged_dir(out_dir, replace=replace) as tmp:
         fast.save_pretrained(tmp)
     return load_tokenizer(str(out_dir))
+
+
+def ids_encoder(tokenizer) -> Callable[[list[str]], list[list[int]]]:
+    """A function giving ``tokenizer(texts, add_special_tokens=False)["input_ids"]``, straight from the backend.
+
+    It calls the ``tokenizers`` backend's ``encode_batch_fast`` (no character
+    offsets, no per-text Python dictionaries), on a copy of the backend set up
+    as ``transformers`` sets it for such a call: no truncation, no padding, and
+    its ``split_special_tokens`` choice. Tokenizers without a ``tokenizers``
+    backend go through ``tokenizer(...)`` itself.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return lambda texts: tokenizer(texts, add_special_tokens=False)["input_ids"]
+    from tokenizers import Tokenizer
+
+    copy = Tokenizer.from_str(backend.to_str())
+    copy.no_truncation()
+    copy.no_padding()
+    copy.encode_special_tokens = bool(getattr(tokenizer, "split_special_tokens", False))
+    encode = getattr(copy, "encode_batch_fast", copy.encode_batch)
+
+    def ids(texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in encode(texts, add_special_tokens=False)]
+
+    return ids
 
 
 def load_tokenizer(spec: str, field: str = "data.tokenizer"):

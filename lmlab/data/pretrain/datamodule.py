@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 from lmlab.data.pretrain.batching import BatchSchedule
 from lmlab.data.pretrain.mixture import MixtureSampler
 from lmlab.data.pretrain.packing import build_or_load_cache, load_cache, num_windows, window
+from lmlab.data.pretrain.reading import SharedDocuments
 from lmlab.data.pretrain.sources import SourceConfig, iter_documents, validate_sources
 from lmlab.distributed.hooks import data_parallel_rank_and_size
 from lmlab.data.tokenizer import TokenizerTrainConfig, load_tokenizer, token_byte_lengths, train_bpe
@@ -160,20 +161,24 @@ class PretrainDataModule(pl.LightningDataModule):
         self._resume_step = 0
 
     # -- preparation ---------------------------------------------------------
-    def _ensure_tokenizer(self) -> None:
+    def _ensure_tokenizer(self, documents: Optional[SharedDocuments] = None) -> None:
         if self.tokenizer is not None:
             return
         if self.tokenizer_train is not None and not os.path.exists(os.path.expanduser(self.tokenizer_spec)):
             # ranks on separate nodes sharing one filesystem may both train it: the same seed gives the same
             # tokenizer, and the first one published is kept rather than swapped under a rank that is loading it
-            self.tokenizer = train_tokenizer_on_mixture(self.sources, self.tokenizer_spec, self.tokenizer_train, replace=False)
+            self.tokenizer = train_tokenizer_on_mixture(
+                self.sources, self.tokenizer_spec, self.tokenizer_train, replace=False, documents=documents
+            )
         else:
             self.tokenizer = load_tokenizer(self.tokenizer_spec)
 
     def prepare_data(self) -> None:
-        self._ensure_tokenizer()
+        # one reader per source for the whole prepare: packing continues where tokenizer training stopped
+        documents = SharedDocuments(self.sources) if self.prepared_dir is None else None
+        self._ensure_tokenizer(documents)
         if self.prepared_dir is None:
-            build_or_load_cache(self.sources, self.tokenizer, self.cache_dir, self.val_fraction, self.seed)
+            build_or_load_cache(self.sources, self.tokenizer, self.cache_dir, self.val_fraction, self.seed, documents)
 
     def setup(self, stage: Optional[str] = None) -> None:
         if self.streams is not None:
@@ -296,16 +301,22 @@ class PretrainDataModule(pl.LightningDataModule):
         self._resume_step = int(state.get("step", 0))
 
 
-def train_tokenizer_on_mixture(sources: list[SourceConfig], out_dir: str, cfg: TokenizerTrainConfig, replace: bool = True):
+def train_tokenizer_on_mixture(
+    sources: list[SourceConfig],
+    out_dir: str,
+    cfg: TokenizerTrainConfig,
+    replace: bool = True,
+    documents: Optional[SharedDocuments] = None,
+):
     """Train a byte-level BPE on a sample of the mixture, each source by its weight (``replace=False`` keeps a
-    tokenizer another process saved at ``out_dir`` first)."""
+    tokenizer another process saved at ``out_dir`` first; ``documents``: a reader packing will continue)."""
     total_w = sum(s.weight for s in sources)
 
     def texts():
         for i, src in enumerate(sources):
             budget = int(cfg.sample_chars * src.weight / total_w)
             used = 0
-            for doc in iter_documents(src, i):
+            for doc in (documents.prefix(i) if documents is not None else iter_documents(src, i)):
                 if used >= budget:
                     break
                 doc = doc[: budget - used]

@@ -19,13 +19,15 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable, Optional
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from lmlab.atomic import staged_dir
+from lmlab.data.pretrain.reading import SharedDocuments
 from lmlab.data.pretrain.sources import SourceConfig, iter_documents
+from lmlab.data.tokenizer import ids_encoder
 from lmlab.errors import ConfigError
 
 CACHE_VERSION = 1
@@ -63,9 +65,16 @@ def _is_val_doc(seed: int, index: int, val_fraction: float) -> bool:
     """
     if val_fraction <= 0:
         return False
+    return _val_rule(seed, val_fraction)(index)
+
+
+def _val_rule(seed: int, val_fraction: float) -> Callable[[int], bool]:
+    """:func:`_is_val_doc` for one seed and fraction, with the seed's hash computed once."""
+    if val_fraction <= 0:
+        return lambda index: False
     r = (int.from_bytes(hashlib.blake2b(str(seed).encode(), digest_size=8).digest(), "little") + 1) / 2**64
     u = 1.0 - val_fraction * r
-    return math.floor((index + 1) * val_fraction + u) > math.floor(index * val_fraction + u)
+    return lambda index: math.floor((index + 1) * val_fraction + u) > math.floor(index * val_fraction + u)
 
 
 def _batched(it: Iterable[str], n: int):
@@ -79,36 +88,79 @@ def _batched(it: Iterable[str], n: int):
         yield batch
 
 
+# Documents per encode call: large batches keep the Python work per document small.
+_ENCODE_DOCS = 1024
+# Tokens gathered per split before one write (8 MiB of uint16).
+_BLOCK_TOKENS = 1 << 22
+
+
+class _BlockWriter:
+    """Token ids of one split: gathered per encode batch, converted once per batch, written once per block."""
+
+    def __init__(self, f, dtype: np.dtype):
+        self.f, self.dtype = f, dtype
+        self.ids: list[int] = []
+        self.arrays: list[np.ndarray] = []
+        self.size = 0
+
+    def add(self, ids: list[int]) -> None:
+        self.ids.extend(ids)
+
+    def end_batch(self) -> None:
+        if self.ids:
+            self.arrays.append(np.asarray(self.ids, dtype=self.dtype))
+            self.size += len(self.ids)
+            self.ids = []
+        if self.size >= _BLOCK_TOKENS:
+            self._write()
+
+    def flush(self) -> None:
+        self.end_batch()
+        self._write()
+
+    def _write(self) -> None:
+        if self.arrays:
+            (self.arrays[0] if len(self.arrays) == 1 else np.concatenate(self.arrays)).tofile(self.f)
+            self.arrays, self.size = [], 0
+
+
 def _tokenize_source(
-    src: SourceConfig, idx: int, tokenizer, dtype: np.dtype, val_fraction: float, seed: int, out: Path
+    src: SourceConfig, idx: int, tokenizer, dtype: np.dtype, val_fraction: float, seed: int, out: Path,
+    documents: Optional[Iterable[str]] = None,
 ) -> dict:
     eos = tokenizer.eos_token_id
+    encode = ids_encoder(tokenizer)
+    is_val = _val_rule(seed, val_fraction)
     train_path, val_path = out / f"{src.name}.train.bin", out / f"{src.name}.val.bin"
-    # Documents stream to disk; only the first few are held back to decide how to split.
+    # The first few documents are held back to decide how to split: few long documents (books) split their
+    # stream's tail, many documents split by document.
     head: list[np.ndarray] = []
     n_docs = n_val = 0
     bar = tqdm(desc=f"tokenize {src.name}", unit="doc", leave=False, disable=None)
+    docs = iter_documents(src, idx) if documents is None else documents
     with open(train_path, "wb") as ftrain, open(val_path, "wb") as fval:
+        train, val = _BlockWriter(ftrain, dtype), _BlockWriter(fval, dtype)
 
-        def emit(i: int, arr: np.ndarray) -> int:
-            if val_fraction > 0 and _is_val_doc(seed, i, val_fraction):
-                arr.tofile(fval)
+        def emit(i: int, ids: list[int]) -> int:
+            if is_val(i):
+                val.add(ids)
                 return 1
-            arr.tofile(ftrain)
+            train.add(ids)
             return 0
 
-        for batch in _batched(iter_documents(src, idx), 256):
-            for row in tokenizer(batch, add_special_tokens=False)["input_ids"]:
-                row.append(eos)
-                arr = np.asarray(row, dtype=dtype)
-                if len(head) < _MIN_DOCS_FOR_DOC_SPLIT and n_docs == len(head):
-                    head.append(arr)
+        for batch in _batched(docs, _ENCODE_DOCS):
+            for ids in encode(batch):
+                ids.append(eos)
+                if n_docs < _MIN_DOCS_FOR_DOC_SPLIT:
+                    head.append(np.asarray(ids, dtype=dtype))
                     if len(head) == _MIN_DOCS_FOR_DOC_SPLIT:
                         for j, a in enumerate(head):
-                            n_val += emit(j, a)
+                            n_val += emit(j, a.tolist())
                 else:
-                    n_val += emit(n_docs, arr)
+                    n_val += emit(n_docs, ids)
                 n_docs += 1
+            train.end_batch()
+            val.end_batch()
             bar.update(len(batch))
         bar.close()
         if n_docs == 0:
@@ -123,6 +175,8 @@ def _tokenize_source(
             cut = len(stream) if val_fraction <= 0 else int(len(stream) * (1 - val_fraction))
             stream[:cut].tofile(ftrain)
             stream[cut:].tofile(fval)
+        train.flush()
+        val.flush()
     itemsize = dtype.itemsize
     return {
         "documents": n_docs,
@@ -140,8 +194,13 @@ def build_or_load_cache(
     cache_dir: str | os.PathLike,
     val_fraction: float = 0.01,
     seed: int = 0,
+    documents: Optional[SharedDocuments] = None,
 ) -> tuple[Path, dict[str, SourceStreams]]:
-    """Return (cache path, streams per source), building the cache when missing."""
+    """Return (cache path, streams per source), building the cache when missing.
+
+    ``documents``: the prepare's shared reader, so sources that tokenizer
+    training already read are not read again (None: read each source here).
+    """
     dtype = token_dtype(len(tokenizer))
     key = cache_key(sources, tokenizer, val_fraction, seed)
     root = Path(os.path.expanduser(cache_dir))
@@ -151,7 +210,8 @@ def build_or_load_cache(
         with staged_dir(final, replace=False) as tmp:
             meta = {"version": CACHE_VERSION, "dtype": dtype.name, "sources": {}}
             for i, src in enumerate(sources):
-                meta["sources"][src.name] = _tokenize_source(src, i, tokenizer, dtype, val_fraction, seed, tmp)
+                docs = documents.whole(i) if documents is not None else None
+                meta["sources"][src.name] = _tokenize_source(src, i, tokenizer, dtype, val_fraction, seed, tmp, docs)
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     return final, load_cache(final, [s.name for s in sources])
 

@@ -308,18 +308,55 @@ def _stdlib_documents(src: SourceConfig, idx: int | None) -> Iterator[str]:
             topics = {}
         for key in sorted(topics):
             yield topics[key]
-        import ast
-
         for f in sorted(stdlib.glob("*.py")):
             try:
-                tree = ast.parse(f.read_text(encoding="utf-8"))
+                doc = module_docstring(f.read_text(encoding="utf-8"))
             except (SyntaxError, UnicodeDecodeError, OSError):
                 continue
-            doc = ast.get_docstring(tree)
             if doc and len(doc) > 200:
                 yield doc
     else:
         raise ConfigError(_field(src, idx, "path"), f"unknown stdlib part {src.path!r}", "use code or docs")
+
+
+def module_docstring(source: str) -> Optional[str]:
+    """``ast.get_docstring(ast.parse(source))``, parsing only the module's first statement.
+
+    The docstring is the first statement, so compiling the rest of a large
+    module (most of the time of reading the ``docs`` source) is wasted work.
+    Unlike a whole-module parse, a syntax error after the first statement is
+    not noticed (the standard library's own modules always compile).
+    """
+    import ast
+    import io
+    import tokenize
+
+    skip = (tokenize.ENCODING, tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT)
+    end = None
+    try:
+        tokens = tokenize.generate_tokens(io.StringIO(source).readline)
+        first = next((t for t in tokens if t.type not in skip), None)
+        if first is None or (first.type != tokenize.STRING and first.string != "("):
+            return None
+        depth = int(first.string == "(")
+        for t in tokens:
+            if t.type == tokenize.OP and t.string in "([{":
+                depth += 1
+            elif t.type == tokenize.OP and t.string in ")]}":
+                depth -= 1
+            elif t.type in (tokenize.NEWLINE, tokenize.ENDMARKER) or (t.type == tokenize.OP and t.string == ";" and depth == 0):
+                end = t.start
+                break
+    except (tokenize.TokenError, SyntaxError):
+        end = None
+    if end is not None:
+        lines = source.splitlines(keepends=True)
+        head = "".join(lines[: end[0] - 1]) + lines[end[0] - 1][: end[1]] if end[0] <= len(lines) else source
+        try:
+            return ast.get_docstring(ast.parse(head))
+        except SyntaxError:
+            pass
+    return ast.get_docstring(ast.parse(source))
 
 
 def validate_sources(sources: list[SourceConfig]) -> None:
