@@ -7,7 +7,10 @@ thread, so N processes use N cores. Scaling efficiency is
 
     python benchmarks/ddp_scaling.py [--procs 2 --d-model 256 --layers 4 --seq 256 --batch 8 --steps 20]
 
-Prints a Markdown table and, on its last line, the efficiency as a bare number.
+Prints a Markdown table and the speed-up of N processes over one (through
+``harness.report_ratio``: what differs between the sides is stated, and a run
+that failed gives no ratio). Every process pins torch and BLAS to one thread
+(``harness.pin_threads``); 1- and N-process runs alternate ``--repeats`` times.
 Wall-clock efficiency needs N otherwise idle cores; the tokens-per-CPU-second
 column shows the compute overhead of DDP alone.
 """
@@ -20,6 +23,11 @@ import socket
 import sys
 import tempfile
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import pin_threads, report_ratio  # noqa: E402
 
 
 def _free_port() -> int:
@@ -36,7 +44,7 @@ def _worker(rank: int, world: int, port: int, args, out: str) -> None:
 
     from lmlab.models import CausalLM, TransformerConfig
 
-    torch.set_num_threads(1)
+    pin_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.manual_seed(0)
@@ -97,13 +105,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=2, help="alternate 1 and N process runs this many times; keep the best")
     args = p.parse_args(argv)
+    pin_threads(1)
 
     best = {1: (0.0, 0.0), args.procs: (0.0, 0.0)}
+    failed: dict[int, str] = {}
     for _ in range(args.repeats):
         for world in (1, args.procs):
-            wall, per_cpu = tokens_per_second(world, args)
+            if world in failed:
+                continue
+            try:
+                wall, per_cpu = tokens_per_second(world, args)
+            except Exception as exc:  # noqa: BLE001 - a failed run means no ratio
+                failed[world] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+                continue
             best[world] = (max(best[world][0], wall), max(best[world][1], per_cpu))
     n = args.procs
+    differs = (f"{n} processes with DistributedDataParallel (gloo all-reduce of gradients) vs 1 process without it; "
+               "same model, per-rank batch and AdamW, 1 thread per process")
+    if failed:
+        for world, err in failed.items():
+            print(f"{world}-process run failed: {err}")
+        report_ratio(f"speed-up {n} processes / 1 process", None, None,
+                     failed="; ".join(f"{w}-process run failed" for w in failed))
+        return 1
     eff = best[n][0] / (n * best[1][0])
     print(f"DDP (gloo) on CPU, d_model={args.d_model} layers={args.layers} seq={args.seq} "
           f"batch/rank={args.batch}, 1 thread per process, best of {args.repeats}, {os.cpu_count()} CPUs")
@@ -115,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     # tokens per CPU-second ignores time lost to other processes competing for the cores (and time spent
     # blocked in the all-reduce): its ratio isolates the compute overhead of DDP
     print(f"compute-only efficiency (tokens per CPU-second, {n} vs 1): {best[n][1] / best[1][1]:.0%}")
-    print(f"{eff:.3f}")
+    print(f"wall-clock efficiency: {eff:.3f}")
+    report_ratio(f"speed-up {n} processes / 1 process (tokens/s)", best[n][0], best[1][0], differences=differs)
     return 0
 
 

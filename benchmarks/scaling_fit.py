@@ -14,11 +14,14 @@ the same 5,400-start grid:
   full grid; the output says so;
 * a 1,000-resample bootstrap of the fit.
 
-Wall times are the fastest of ``--repeat`` runs, because on a shared machine
-the minimum is the least disturbed by other processes.
+Threads are pinned (``--threads``, torch and BLAS, ``harness.pin_threads``).
+The pruned fit and the reference loop alternate run by run
+(``harness.alternate``, ``--repeat`` runs each) and their medians are
+compared; the other rows are single runs or the fastest of ``--repeat``.
 
-The last line printed is the speed-up of the batched fit over the reference
-scipy loop (extrapolated to the full grid), as a bare number.
+The speed-up of the batched fit over the reference scipy loop (extrapolated
+to the full grid) is printed by ``harness.report_ratio``, with what differs
+between the sides, and only when both sides ran.
 """
 
 from __future__ import annotations
@@ -29,14 +32,21 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
-from scipy.optimize import minimize
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from lmlab.scaling.law import EPOCH_2024
-from lmlab.scaling.objective import scalar_objective
-from lmlab.scaling.parametric import GRID_5400, bootstrap_approach3, fit_approach3, fit_approach3_scipy_loop
-from lmlab.scaling.results import ScalingData, from_frame
+from harness import Side, alternate, pin_threads, report_ratio  # noqa: E402
+
+if __name__ == "__main__":
+    pin_threads(1)  # before numpy/scipy/torch load their thread pools
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from scipy.optimize import minimize  # noqa: E402
+
+from lmlab.scaling.law import EPOCH_2024  # noqa: E402
+from lmlab.scaling.objective import scalar_objective  # noqa: E402
+from lmlab.scaling.parametric import GRID_5400, bootstrap_approach3, fit_approach3, fit_approach3_scipy_loop  # noqa: E402
+from lmlab.scaling.results import ScalingData, from_frame  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "scaling"
 
@@ -82,8 +92,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--loop-starts", type=int, default=270, help="starts the scipy loops run (0 = all 5,400)")
     parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--repeat", type=int, default=3, help="runs of the pruned fit and the loops; the fastest counts")
+    parser.add_argument("--repeat", type=int, default=3, help="alternated runs of the pruned fit and the reference loop")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--fail", choices=("batched", "loop"), default=None, help="make this side raise (tests)")
     args = parser.parse_args(argv)
+    pin_threads(args.threads)
 
     data, source = load_points(args.data)
     starts = GRID_5400.starts()
@@ -96,15 +109,37 @@ def main(argv: list[str]) -> int:
     note = "measured" if scale == 1 else f"{len(sub)} random starts, x{scale:.1f} extrapolated"
 
     r = args.repeat
-    fast, t_fast = timed(lambda: fit_approach3(data), r)
+    out: dict = {}
+
+    def run(name, fn):
+        def step():
+            if args.fail == name:
+                raise RuntimeError(f"--fail {name}")
+            out[name] = fn()
+        return step
+
+    sides = [Side("batched", run("batched", lambda: fit_approach3(data))),
+             Side("loop", run("loop", lambda: fit_approach3_scipy_loop(data, grid=sub)))]
+    alternate(sides, steps=r, warmup=0)
+    differs = (f"batched L-BFGS over all starts with pruning and a scipy polish vs one scipy L-BFGS-B call per start "
+               f"with the same tolerances; loop time {'extrapolated from ' + str(len(sub)) + ' starts' if scale != 1 else 'measured'}")
+    if any(s.error for s in sides):
+        for s in sides:
+            if s.error:
+                print(f"{s.name} side failed: {s.error}")
+        report_ratio("speed-up batched fit / reference scipy loop", None, None,
+                     failed="; ".join(f"{s.name} side failed" for s in sides if s.error))
+        return 1
+    fast, t_fast = out["batched"], sides[0].median
+    loop, t_loop = out["loop"], sides[1].median
     noprune, t_noprune = timed(lambda: fit_approach3(data, prune=None))
-    loop, t_loop = timed(lambda: fit_approach3_scipy_loop(data, grid=sub), r)
     loop_default, t_default = timed(lambda: default_scipy_loop(data, sub), r)
     boot, t_boot = timed(lambda: bootstrap_approach3(fast, n_resamples=args.resamples, seed=args.seed))
 
     print(f"approach-3 fit on {data.n_points} points from {source}")
     print(f"grid: {n_grid} starts; CPU threads visible: {os.cpu_count()}; python {sys.version.split()[0]}; "
-          f"times: fastest of {args.repeat} runs for the pruned fit and the loops, 1 run otherwise")
+          f"{args.threads} thread(s); times: median of {args.repeat} alternated runs for the pruned fit and the "
+          f"reference loop, fastest of {args.repeat} for the default-tolerance loop, 1 run otherwise")
     print()
     header = f"{'method':<44}{'starts':>7}{'seconds':>11}{'full-grid s':>13}{'best objective':>17}  note"
     print(header)
@@ -124,11 +159,10 @@ def main(argv: list[str]) -> int:
           f"a={law.a:.4f}; max|grad|={fast.grad_max:.1e}")
     iv = boot.intervals(0.95)
     print("bootstrap 95%: " + ", ".join(f"{k} [{iv[k][0]:.4g}, {iv[k][1]:.4g}]" for k in ("E", "A", "B", "alpha", "beta", "a")))
-    ratio_ref = t_loop * scale / t_fast
-    ratio_default = t_default * scale / t_fast
-    print(f"speed-up vs reference-tolerance loop: {ratio_ref:.1f}x; vs default-tolerance loop: {ratio_default:.1f}x "
-          f"(loop times {'extrapolated from a subsample' if scale != 1 else 'measured on the full grid'})")
-    print(f"{ratio_ref:.2f}")
+    report_ratio("speed-up batched fit / reference-tolerance scipy loop", t_fast, t_loop * scale,
+                 differences=differs, higher_is_better=False)
+    report_ratio("speed-up batched fit / default-tolerance scipy loop", t_fast, t_default * scale,
+                 differences=differs.replace("the same tolerances", "scipy's default tolerances"), higher_is_better=False)
     return 0
 
 
