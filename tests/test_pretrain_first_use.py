@@ -137,3 +137,27 @@ def test_module_docstring_equals_a_whole_module_parse():
     assert found > 100
     for src in ['("doc"\n "more")\nx = 1', '"a".join(x)\n', 'import x\n"""no"""', '"""a"""; x = 1', '("a", "b")\n', "b'x'\n"]:
         assert module_docstring(src) == ast.get_docstring(ast.parse(src)), src
+
+
+def test_prepare_tokenize_stage_matches_per_document_encoding(shared_sources, shared_tokenizer, tmp_path):
+    import gzip
+
+    from lmlab.data.prepare.engine import ShardTask
+    from lmlab.data.prepare.stages import TokenizeStage, shard_name
+
+    texts = list(iter_documents(shared_sources[0])) + ["<|eos|> inside", "x"]
+    path = tmp_path / "docs.jsonl.gz"
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        for i, t in enumerate(texts):
+            f.write(json.dumps({"n": 10 + i, "text": t}) + "\n")
+    stage = TokenizeStage(cfg=None, src=None, idx=0, tokenizer_key="first-use-test", dtype="uint16")
+    (tmp_path / "out").mkdir()
+    stats = stage.process(shared_tokenizer, ShardTask(0, str(path), tmp_path / "out"))
+    eos = shared_tokenizer.eos_token_id
+    rows = [shared_tokenizer(t, add_special_tokens=False)["input_ids"] + [eos] for t in texts]
+    expected = np.asarray([x for r in rows for x in r], dtype=np.uint16)
+    assert (tmp_path / "out" / f"{shard_name(0)}.tokens.bin").read_bytes() == expected.tobytes()
+    index = np.load(tmp_path / "out" / f"{shard_name(0)}.index.npy")
+    assert index["n"].tolist() == [10 + i for i in range(len(texts))]
+    assert index["length"].tolist() == [len(r) for r in rows]
+    assert stats["tokens"] == len(expected) and len(texts) > 281

@@ -543,17 +543,21 @@ class TokenizeStage(_DownstreamStage):
         return _memo("tokenizer", self.tokenizer_key, lambda: load_tokenizer(self.tokenizer_path, field="tokenizer"))
 
     def process(self, tok: Any, task: ShardTask) -> dict:
+        from lmlab.data.tokenizer import ids_encoder
+
         docs = read_jsonl_gz(Path(task.payload))
         eos = tok.eos_token_id
+        encode = _memo("ids_encoder", self.tokenizer_key, lambda: ids_encoder(tok))
         index = np.zeros(len(docs), dtype=_INDEX_DTYPE)
         chunks = []
-        for start in range(0, len(docs), 256):
-            batch = docs[start : start + 256]
-            ids = tok([d["text"] for d in batch], add_special_tokens=False)["input_ids"]
-            for i, (d, row) in enumerate(zip(batch, ids)):
+        for start in range(0, len(docs), 1024):
+            batch = docs[start : start + 1024]
+            flat: list[int] = []  # one array per batch, not per document
+            for i, (d, row) in enumerate(zip(batch, encode([d["text"] for d in batch]))):
                 row.append(eos)
                 index[start + i] = (d["n"], len(row))
-                chunks.append(np.asarray(row, dtype=self.dtype))
+                flat.extend(row)
+            chunks.append(np.asarray(flat, dtype=self.dtype))
         tokens = np.concatenate(chunks) if chunks else np.zeros(0, dtype=self.dtype)
         atomic_write_bytes(task.out_dir / f"{shard_name(task.index)}.tokens.bin", tokens.tobytes())
         save_npy(task.out_dir / f"{shard_name(task.index)}.index.npy", index)

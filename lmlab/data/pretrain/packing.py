@@ -126,10 +126,10 @@ class _BlockWriter:
 
 def _tokenize_source(
     src: SourceConfig, idx: int, tokenizer, dtype: np.dtype, val_fraction: float, seed: int, out: Path,
-    documents: Optional[Iterable[str]] = None,
+    documents: Optional[Iterable[str]] = None, encode: Optional[Callable[[list[str]], list[list[int]]]] = None,
 ) -> dict:
     eos = tokenizer.eos_token_id
-    encode = ids_encoder(tokenizer)
+    encode = encode or ids_encoder(tokenizer)
     is_val = _val_rule(seed, val_fraction)
     train_path, val_path = out / f"{src.name}.train.bin", out / f"{src.name}.val.bin"
     # The first few documents are held back to decide how to split: few long documents (books) split their
@@ -209,9 +209,10 @@ def build_or_load_cache(
         # replace=False: another process that finished the same cache first keeps its copy (same bytes)
         with staged_dir(final, replace=False) as tmp:
             meta = {"version": CACHE_VERSION, "dtype": dtype.name, "sources": {}}
+            encode = ids_encoder(tokenizer)
             for i, src in enumerate(sources):
                 docs = documents.whole(i) if documents is not None else None
-                meta["sources"][src.name] = _tokenize_source(src, i, tokenizer, dtype, val_fraction, seed, tmp, docs)
+                meta["sources"][src.name] = _tokenize_source(src, i, tokenizer, dtype, val_fraction, seed, tmp, docs, encode)
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     return final, load_cache(final, [s.name for s in sources])
 
