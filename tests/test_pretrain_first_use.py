@@ -161,3 +161,19 @@ def test_prepare_tokenize_stage_matches_per_document_encoding(shared_sources, sh
     assert index["n"].tolist() == [10 + i for i in range(len(texts))]
     assert index["length"].tolist() == [len(r) for r in rows]
     assert stats["tokens"] == len(expected) and len(texts) > 281
+
+
+def test_ids_encoder_keeps_the_call_of_a_class_that_changes_it(shared_tokenizer):
+    from transformers import PreTrainedTokenizerFast
+
+    class Shouting(PreTrainedTokenizerFast):
+        def _encode_plus(self, text, *args, **kwargs):
+            upper = [t.upper() for t in text] if isinstance(text, list) else text.upper()
+            return super()._encode_plus(upper, *args, **kwargs)
+
+    shouting = Shouting(tokenizer_object=shared_tokenizer.backend_tokenizer, eos_token="<|eos|>")
+    texts = ["quiet words here", "more quiet words"]
+    expected = shouting(texts, add_special_tokens=False)["input_ids"]
+    assert expected != shared_tokenizer(texts, add_special_tokens=False)["input_ids"]
+    assert ids_encoder(shouting)(texts) == expected
+    assert ids_encoder(shared_tokenizer)(texts) == shared_tokenizer(texts, add_special_tokens=False)["input_ids"]

@@ -101,10 +101,11 @@ def ids_encoder(tokenizer) -> Callable[[list[str]], list[list[int]]]:
     offsets, no per-text Python dictionaries), on a copy of the backend set up
     as ``transformers`` sets it for such a call: no truncation, no padding, and
     its ``split_special_tokens`` choice. Tokenizers without a ``tokenizers``
-    backend go through ``tokenizer(...)`` itself.
+    backend, or whose class changes how a call encodes, go through
+    ``tokenizer(...)`` itself.
     """
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
+    if backend is None or not _call_is_backend_encode(tokenizer):
         return lambda texts: tokenizer(texts, add_special_tokens=False)["input_ids"]
     from tokenizers import Tokenizer
 
@@ -118,6 +119,18 @@ def ids_encoder(tokenizer) -> Callable[[list[str]], list[list[int]]]:
         return [e.ids for e in encode(texts, add_special_tokens=False)]
 
     return ids
+
+
+def _call_is_backend_encode(tokenizer) -> bool:
+    """Whether ``tokenizer(texts)`` is transformers' plain call of its backend's ``encode_batch``."""
+    try:
+        from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+    except ImportError:  # another transformers layout: keep its own call
+        return False
+    cls = type(tokenizer)
+    return (isinstance(tokenizer, TokenizersBackend) and cls.__call__ is PreTrainedTokenizerBase.__call__
+            and cls._encode_plus is TokenizersBackend._encode_plus)
 
 
 def load_tokenizer(spec: str, field: str = "data.tokenizer"):
