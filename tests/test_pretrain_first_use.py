@@ -177,3 +177,8 @@ def test_ids_encoder_keeps_the_call_of_a_class_that_changes_it(shared_tokenizer)
     assert expected != shared_tokenizer(texts, add_special_tokens=False)["input_ids"]
     assert ids_encoder(shouting)(texts) == expected
     assert ids_encoder(shared_tokenizer)(texts) == shared_tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+@pytest.mark.parametrize("src", ['"""doc\x0cwith a form feed"""\nx = 1', '"a" \x0c "b"\n', '"""a\u2028b"""\n', '\x0c\n"""d"""\n'])
+def test_module_docstring_with_line_breaks_other_than_newline(src):
+    assert module_docstring(src) == ast.get_docstring(ast.parse(src))

@@ -340,9 +340,9 @@ def module_docstring(source: str) -> Optional[str]:
             return None
         depth = int(first.string == "(")
         for t in tokens:
-            if t.type == tokenize.OP and t.string in "([{":
+            if t.type == tokenize.OP and t.string in ("(", "[", "{"):
                 depth += 1
-            elif t.type == tokenize.OP and t.string in ")]}":
+            elif t.type == tokenize.OP and t.string in (")", "]", "}"):
                 depth -= 1
             elif t.type in (tokenize.NEWLINE, tokenize.ENDMARKER) or (t.type == tokenize.OP and t.string == ";" and depth == 0):
                 end = t.start
@@ -350,7 +350,7 @@ def module_docstring(source: str) -> Optional[str]:
     except (tokenize.TokenError, SyntaxError):
         end = None
     if end is not None:
-        lines = source.splitlines(keepends=True)
+        lines = io.StringIO(source).readlines()  # the lines tokenize numbered (str.splitlines also splits at \f)
         head = "".join(lines[: end[0] - 1]) + lines[end[0] - 1][: end[1]] if end[0] <= len(lines) else source
         try:
             return ast.get_docstring(ast.parse(head))
