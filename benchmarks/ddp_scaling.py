@@ -120,8 +120,8 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             best[world] = (max(best[world][0], wall), max(best[world][1], per_cpu))
     n = args.procs
-    differs = (f"{n} processes with DistributedDataParallel (gloo all-reduce of gradients) vs 1 process without it; "
-               "same model, per-rank batch and AdamW, 1 thread per process")
+    differs = (f"{n} processes vs 1, each wrapped in DistributedDataParallel (gloo; with 1 process the gradient "
+               "all-reduce exchanges nothing); same model, per-rank batch and AdamW, 1 thread per process")
     if failed:
         for world, err in failed.items():
             print(f"{world}-process run failed: {err}")
