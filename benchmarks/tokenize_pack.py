@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -131,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fail", choices=("lmlab", "plain"), default=None, help="make this side raise (tests)")
     args = ap.parse_args(argv)
     pin_threads(args.threads)
+    # the tokenizers library parallelises (RAYON_NUM_THREADS threads) only when this allows it; both sides share it
+    os.environ["TOKENIZERS_PARALLELISM"] = "true" if args.threads > 1 else "false"
     files = source_files(args.data, args.sources.split(","))
     mb = sum(f.stat().st_size for fs in files.values() for f in fs) / 1e6
 
