@@ -322,9 +322,10 @@ def linear_attention_chunked(
     U = (k * w.unsqueeze(-1)).transpose(-1, -2) @ v  # (B, H, n, D, Dv)
     S = state if state is not None else q.new_zeros(B, H, D, Dv)
     entering = []
-    for i in range(n):
+    # unbind once: indexing U[:, :, i] per chunk would make the backward quadratic in the chunk count
+    for carry_i, U_i in zip(carry.unbind(2), U.unbind(2)):
         entering.append(S)
-        S = carry[:, :, i, None, None] * S + U[:, :, i]
+        S = carry_i[..., None, None] * S + U_i
     o = o + (q * (b.exp() * into).unsqueeze(-1)) @ torch.stack(entering, dim=2)
     return o.reshape(B, H, n * C, Dv)[:, :, :T], S
 
@@ -350,10 +351,11 @@ class LinearAttention(Attention):
             k = k * mask.key_padding[:, None, :, None].to(k.dtype)
         log_g = F.logsigmoid(self.gate(x).float()).transpose(1, 2) / GATE_NORMALIZER
         state = cache.states[layer] if cache is not None and mask.start > 0 else None
-        if T == 1 and state is not None:
-            y, state = linear_attention_recurrent(q, k, v, log_g, state)
-        else:
-            y, state = linear_attention_chunked(q, k, v, log_g, self.chunk, state, mask.doc_ids)
+        with torch.autocast(x.device.type, enabled=False):  # keep the decays and states in fp32 under autocast
+            if T == 1 and state is not None:
+                y, state = linear_attention_recurrent(q, k, v, log_g, state)
+            else:
+                y, state = linear_attention_chunked(q, k, v, log_g, self.chunk, state, mask.doc_ids)
         if cache is not None:
             cache.states[layer] = state
         y = self.out_norm(y.to(dtype))
@@ -370,21 +372,8 @@ def build_attention(config: TransformerConfig) -> nn.Module:
     return Attention(config)
 
 
-def attention_span(config: TransformerConfig, seq_len: int) -> int:
-    """Keys a query's attention matmuls touch per token at ``seq_len`` (the T of the FLOP formulas).
-
-    Full: seq_len; sliding window: min(seq_len, W); linear: the chunk (decayed q.k) plus
-    head_dim (reading and updating the head_dim x head_dim state costs as much as head_dim keys).
-    """
-    if config.attention == "sliding_window":
-        return min(seq_len, config.sliding_window)
-    if config.attention == "linear":
-        return min(seq_len, config.linear_chunk_size) + config.head_dim
-    return seq_len
-
-
 __all__ = [
     "RingKVCache", "LinearStateCache", "allocate_cache", "VariantMask", "variant_mask", "local_attention",
     "SlidingWindowAttention", "LinearAttention", "linear_attention_recurrent", "linear_attention_chunked",
-    "build_attention", "attention_span",
+    "build_attention",
 ]
