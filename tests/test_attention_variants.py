@@ -307,3 +307,17 @@ def test_sft_on_the_variant_backbones(kw, tmp_path):
     trainer.fit(module, datamodule=dm)
     first, last = module.val_history[0], module.val_history[-1]
     assert last["val/loss"] < first["val/loss"] - 1.0, module.val_history
+
+
+def test_the_cli_reports_a_missing_window_in_one_line(tmp_path):
+    from test_cli import run_cli, tiny_config
+
+    from helpers import write_corpus
+
+    cfg = tiny_config(tmp_path, write_corpus(tmp_path / "corpus"))
+    r = run_cli("fit", "--config", str(cfg), "--model.init_args.config.attention=sliding_window")
+    lines = [line for line in r.stderr.splitlines() if "error" in line.lower()]
+    assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert lines[0].startswith("lmlab fit: error: model.config.sliding_window: must be a positive int"), lines
+    r = run_cli("fit", "--config", str(cfg), "--model.init_args.config.attention=linear", "--print_config")
+    assert r.returncode == 0 and "attention: linear" in r.stdout, r.stderr[-2000:]
