@@ -10,14 +10,18 @@ Four sides share one tiny shape (d_model 64, 2 layers, 2 heads, vocab 256, batch
 * ``linear``: ``attention: linear`` (chunked gated linear attention, chunk ``--chunk``).
 
 Time: at each length the sides run one AdamW step each in turn (``harness.alternate``),
-``--steps`` timed after one warm-up, and the median is kept. Peak memory: one more step of
+``--steps`` timed after one warm-up. Each step records its wall time (the harness) and the
+CPU time of the process (``time.process_time``); with one intra-op thread the CPU time is
+the work of the step alone, unaffected by other processes taking turns on the cores, so
+the plot, the table and the fitted exponents use the median CPU time (wall-clock medians
+are in the JSON). Peak memory: one more step of
 each side under ``torch.profiler`` with ``profile_memory=True``; the figure is the highest
 total the CPU allocator reached during the step minus what it held when the step began
 (so parameters and AdamW states, allocated by the warm-up, are excluded; activations,
 gradients and temporaries count). Exponents are least-squares slopes of log(value) on
 log(T) over T >= ``--fit-from``.
 
-    python benchmarks/attention_scaling.py [--lengths 256 512 1024 2048 4096 8192 --steps 2 --threads 2]
+    python benchmarks/attention_scaling.py [--lengths 256 512 1024 2048 4096 8192 --steps 3 --threads 1]
 
 Writes docs/study/attention_scaling.json and .png (log-log).
 """
@@ -29,7 +33,9 @@ import json
 import math
 import os
 import sys
+import statistics
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -65,6 +71,7 @@ def make_step(side: str, model, opt, T: int):
     x = torch.randint(0, 256, (1, T + 1), generator=torch.Generator().manual_seed(T))
 
     def step():
+        t0 = time.process_time()
         ctx = sdpa_kernel([SDPBackend.MATH]) if side == "full-math" else _nullcontext()
         with ctx:
             logits = model(x[:, :-1])
@@ -72,8 +79,10 @@ def make_step(side: str, model, opt, T: int):
             loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        step.cpu_times.append(time.process_time() - t0)
         return float(loss.detach())
 
+    step.cpu_times = []
     return step
 
 
@@ -129,7 +138,7 @@ def plot(results: dict, out: Path) -> None:
             if pts:
                 label = f"{side} (slope {r[exp]:.2f})" if r[exp] is not None else side
                 ax.plot(*zip(*pts), marker="o", label=label)
-    for ax, title in ((axes[0], "training-step time (s)"), (axes[1], "peak memory of the step (MiB)")):
+    for ax, title in ((axes[0], "training-step CPU time (s)"), (axes[1], "peak memory of the step (MiB)")):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("sequence length T")
@@ -138,7 +147,7 @@ def plot(results: dict, out: Path) -> None:
         ax.legend(fontsize=8)
     fig.suptitle(f"attention options, d_model {results['shape']['d_model']}, {results['shape']['layers']} layers, "
                  f"window {results['shape']['window']}, chunk {results['shape']['chunk']}, "
-                 f"{results['threads']} CPU threads", fontsize=10)
+                 f"{results['threads']} thread", fontsize=10)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
 
@@ -146,8 +155,8 @@ def plot(results: dict, out: Path) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--lengths", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096, 8192])
-    p.add_argument("--steps", type=int, default=2)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--d-model", type=int, default=64)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--heads", type=int, default=2)
@@ -165,21 +174,25 @@ def main() -> None:
     res = {"lengths": args.lengths, "threads": args.threads, "steps": args.steps, "torch": torch.__version__,
            "shape": dict(d_model=args.d_model, layers=args.layers, heads=args.heads, vocab=256, batch=1,
                          window=args.window, chunk=args.chunk),
+           "time_method": "median process CPU time (time.process_time) of the timed steps; wall-clock medians "
+                          "in wall_median_s",
            "memory_method": "torch.profiler(profile_memory=True): peak allocator total during one step minus "
                             "the total when it began",
-           "fit_from": args.fit_from, "sides": {s: {"time_s": [], "peak_mib": []} for s in SIDES}}
+           "fit_from": args.fit_from, "sides": {s: {"time_s": [], "wall_median_s": [], "peak_mib": []} for s in SIDES}}
     for T in args.lengths:
         sides = [Side(s, make_step(s, *built[s], T)) for s in SIDES]
         alternate(sides, steps=args.steps, warmup=1)
         for side in sides:
             mem = measure_memory(side.step) if side.error is None else None
             r = res["sides"][side.name]
-            r["time_s"].append(side.median)
+            timed = side.step.cpu_times[1 : 1 + args.steps]  # after the warm-up, before the profiled step
+            r["time_s"].append(statistics.median(timed) if side.median is not None else None)
+            r["wall_median_s"].append(side.median)
             r["peak_mib"].append(mem / 2**20 if mem is not None else None)
             if side.error:
                 r.setdefault("errors", {})[str(T)] = side.error
         print(f"T={T:5d}  " + "  ".join(
-            f"{s.name}: {s.median:.3f}s {res['sides'][s.name]['peak_mib'][-1] or float('nan'):.0f}MiB"
+            f"{s.name}: {res['sides'][s.name]['time_s'][-1]:.3f}s {res['sides'][s.name]['peak_mib'][-1] or float('nan'):.0f}MiB"
             if s.median is not None else f"{s.name}: failed" for s in sides), flush=True)
     print(f"\nfitted exponents (T >= {args.fit_from}):")
     print("| attention | time exponent | memory exponent |\n|---|---|---|")
@@ -192,7 +205,7 @@ def main() -> None:
     T = args.lengths[-1]
     base = res["sides"]["full-math"]
     for s in SIDES[1:]:
-        report_ratio(f"{s} vs full-math, step time at T={T} (speed-up)", res["sides"][s]["time_s"][-1],
+        report_ratio(f"{s} vs full-math, step CPU time at T={T} (speed-up)", res["sides"][s]["time_s"][-1],
                      base["time_s"][-1], differences="attention", higher_is_better=False)
         report_ratio(f"{s} vs full-math, peak memory at T={T} (reduction)", res["sides"][s]["peak_mib"][-1],
                      base["peak_mib"][-1], differences="attention", higher_is_better=False)
