@@ -47,6 +47,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     dp_mesh = init_device_mesh("cpu", (2, 1), mesh_dim_names=("data_parallel", "tensor_parallel"))
+    tp_mesh = init_device_mesh("cpu", (1, 2), mesh_dim_names=("data_parallel", "tensor_parallel"))
     results: dict = {}
     for name, kw in CONFIGS.items():
         cfg = TransformerConfig(**kw)
@@ -62,24 +63,26 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
             opt.step()
             opt.zero_grad()
             ref_losses.append(float(loss.detach()))
-        for layout in ("ddp", "fsdp2"):
+        for layout in ("ddp", "fsdp2", "tp") if name == "sliding_window" else ("ddp", "fsdp2"):
             model = CausalLM(cfg)
             model.load_state_dict(init)
             if layout == "ddp":
                 wrapped = DDP(model)
             else:
-                wrapped = parallelize(model, dp_mesh)
+                wrapped = parallelize(model, dp_mesh if layout == "fsdp2" else tp_mesh)
             opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
             losses = []
             for tokens in batches:
-                loss = _loss(wrapped, tokens[rank * 4:(rank + 1) * 4])
+                # data parallel: each rank half of the batch; tensor parallel: both ranks the whole batch
+                loss = _loss(wrapped, tokens if layout == "tp" else tokens[rank * 4:(rank + 1) * 4])
                 loss.backward()
                 opt.step()
                 opt.zero_grad()
                 mean = loss.detach().clone()
                 dist.all_reduce(mean)
                 losses.append(float(mean) / world)
-            weights = max(float((_full(v) - ref.state_dict()[k]).abs().max()) for k, v in model.state_dict().items())
+            ref_state = ref.state_dict()
+            weights = max(float((_full(v) - ref_state[k]).abs().max()) for k, v in model.state_dict().items())
             results[f"{layout}/{name}"] = {"losses": losses, "ref_losses": ref_losses, "weights": weights}
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(results, f)
@@ -113,6 +116,13 @@ def test_two_processes_follow_one_process(results, layout, name):
         # AdamW divides by sqrt(v): rounding-level gradient differences (the ranks reduce in another
         # order) move near-zero-gradient weights by up to about lr * 1e-2 after a few steps
         assert r["weights"] < 2e-4, r
+
+
+def test_tensor_parallel_sliding_window_follows_one_process(results):
+    for rank in range(2):
+        r = results[rank]["tp/sliding_window"]
+        for step, (a, b) in enumerate(zip(r["losses"], r["ref_losses"])):
+            assert a == pytest.approx(b, abs=1e-5), (step, r)
 
 
 def test_tensor_parallel_refuses_linear_attention():
