@@ -152,6 +152,8 @@ def activation_terms(
     if qk and device == "cpu":
         # the CPU kernel returns heads-major output after qk-norm, so the reshape for proj copies
         terms.append(Term("proj input copy", c * n * h * hd, True, True))
+    if config.attention != "full":
+        terms = _variant_attention_terms(terms, config, b, s, dtypes)
     if config.dropout > 0:
         terms.append(Term("residual dropout masks", 2 * n * d, True))
     terms += _norm_terms(config, n, d, dtypes, device, "mlp norm", r)
@@ -179,6 +181,46 @@ def activation_terms(
     terms.append(Term("log-softmax (fp32, padded vocab)", 4 * n * V, False))
     terms.append(Term("targets", 8 * n + 4, False))
     return terms
+
+
+# what full attention saves between the qkv projection and the output projection
+_FULL_ATTENTION_TERMS = {"qkv output (viewed by v)", "q", "k", "k, v repeated to n_heads", "attention log-sum-exp",
+                         "attention output", "proj input copy"}
+
+
+def _variant_attention_terms(terms: list[Term], config: TransformerConfig, b: int, s: int, dt: ActDtypes) -> list[Term]:
+    """Swap full attention's saved tensors for those of a sliding-window (block-local) or linear layer.
+
+    Sliding window with s <= W runs the plain causal kernel, so nothing changes. Longer
+    sequences pad to whole blocks of W and save the folded queries, the keys and values of
+    each block with its predecessor (2x), the additive window mask (2W per query) and the
+    kernel's output and log-sum-exp. Linear attention computes in fp32: eight q/k/v-sized
+    matmul operands, three chunk x chunk tensors per query (decay, q.k, their product), two
+    copies of the per-chunk states (head_dim^2 per head per chunk), and the output RMSNorm.
+    """
+    h, hd, c = config.n_heads, config.head_dim, dt.compute
+    n = b * s
+    if config.attention == "sliding_window":
+        W = config.sliding_window
+        if s <= W:
+            return terms
+        npad = b * (-(-s // W)) * W
+        new = [Term("window q blocks", c * npad * h * hd, True, True),
+               Term("window k, v blocks (previous + own)", 4 * c * npad * h * hd, True, True),
+               Term("window mask (additive)", c * npad * 2 * W, True, False),
+               Term("attention log-sum-exp", 4 * npad * h, True, True),
+               Term("attention output", c * npad * h * hd, True, True)]
+        if npad != n:  # the padded output is sliced, so the proj input is a copy
+            new.append(Term("proj input copy", c * n * h * hd, True, True))
+    else:
+        C = min(config.linear_chunk_size, s)
+        npad = b * (-(-s // C)) * C
+        new = [Term("linear q, k, v operands (fp32)", 8 * 4 * npad * h * hd, True, True),
+               Term("linear chunk decay, q.k and product (fp32)", 3 * 4 * npad * h * C, True, True),
+               Term("linear chunk states (two copies)", 2 * 4 * (npad // C) * h * hd * hd, True, True),
+               Term("linear gates, decays, masks", (c + 4 * 7 + 2) * npad * h + 4 * npad * h // C, True, True),
+               Term("linear output, its norm and proj input", (2 * c + dt.norm) * n * h * hd + 4 * n * h, True, True)]
+    return [t for t in terms if t.name not in _FULL_ATTENTION_TERMS] + new
 
 
 @dataclass(frozen=True)
@@ -259,13 +301,17 @@ def param_split(config: TransformerConfig) -> ParamSplit:
     layer_norm_bias = config.norm_type == "layernorm" and config.bias
     per_norm = 2 if layer_norm_bias else 1
     block_tensors = 4 + 4 * bias + 2 * per_norm + (2 if config.qk_norm else 0)
+    gate = 0
+    if config.attention == "linear":  # the gate's weight and bias and the output norm
+        block_tensors += 3
+        gate = config.n_layers * d * h
     root_tensors = 1 + (1 if config.position == "learned" else 0) + per_norm + (0 if config.tie_embeddings else 1)
     return ParamSplit(
         total=pc.total,
         tp_sharded=config.n_layers * tp_block,
         block=pc.per_block,
         root=pc.total - config.n_layers * pc.per_block,
-        matmul_weights=config.n_layers * matmul_block + head,
+        matmul_weights=config.n_layers * matmul_block + head + gate,
         n_tensors=config.n_layers * block_tensors + root_tensors,
     )
 

@@ -175,6 +175,9 @@ def check_tp_degree(config, tp: int) -> None:
             f"TP degree {tp} does not divide n_heads={config.n_heads} and n_kv_heads={config.kv_heads}",
             f"use one of {ok}",
         )
+    if tp > 1 and getattr(config, "attention", "full") == "linear":
+        raise ConfigError("trainer.strategy.tensor_parallel_size", "tensor parallelism does not split the per-head "
+                          "gate of linear attention", "use tensor_parallel_size: 1 (FSDP2 and DDP work)")
     if config.hidden_dim % tp:
         raise ConfigError(
             "trainer.strategy.tensor_parallel_size",

@@ -54,6 +54,13 @@ class TransformerConfig:
         activation_checkpointing: Recompute each block's activations in the
             backward pass instead of storing them.
         pad_vocab_to: Round ``vocab_size`` up to a multiple of this.
+        attention: ``full`` (softmax over every earlier token), ``sliding_window``
+            (each query sees itself and the ``sliding_window - 1`` tokens before
+            it, Mistral's definition) or ``linear`` (chunked gated linear
+            attention with a constant-size recurrent state); see
+            :mod:`lmlab.models.attention`.
+        sliding_window: Keys each query attends to with ``attention: sliding_window``.
+        linear_chunk_size: Chunk length of the parallel form of ``attention: linear``.
     """
 
     preset: Optional[str] = None
@@ -78,6 +85,9 @@ class TransformerConfig:
     scaled_residual_init: bool = True
     activation_checkpointing: bool = False
     pad_vocab_to: int = 64
+    attention: Literal["full", "sliding_window", "linear"] = "full"
+    sliding_window: Optional[int] = None
+    linear_chunk_size: int = 64
 
     def __post_init__(self) -> None:
         if self.preset is not None:
@@ -138,6 +148,21 @@ class TransformerConfig:
             raise ConfigError(f"{prefix}.n_heads", f"RoPE needs an even head_dim, got {self.head_dim}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"{prefix}.dropout", f"must be in [0, 1), got {self.dropout}")
+        self._validate_attention(prefix)
+
+    def _validate_attention(self, prefix: str) -> None:
+        if self.attention not in ("full", "sliding_window", "linear"):
+            raise ConfigError(f"{prefix}.attention", f"unknown attention {self.attention!r}",
+                              "choose full, sliding_window or linear")
+        if self.attention == "sliding_window":
+            if self.sliding_window is None or self.sliding_window < 1:
+                raise ConfigError(f"{prefix}.sliding_window", f"must be a positive int with attention=sliding_window, "
+                                  f"got {self.sliding_window}", "set e.g. sliding_window: 256")
+        elif self.sliding_window is not None:
+            raise ConfigError(f"{prefix}.sliding_window", f"is set but attention={self.attention!r}",
+                              "set attention: sliding_window or remove sliding_window")
+        if self.linear_chunk_size < 1:
+            raise ConfigError(f"{prefix}.linear_chunk_size", f"must be positive, got {self.linear_chunk_size}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

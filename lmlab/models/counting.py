@@ -15,6 +15,9 @@ Training FLOPs per token follow three named conventions:
   Table 1: forward 2 N + 2 n_layer n_ctx d_attn, backward twice the forward).
 - ``"palm"`` (default): 6 N + 12 * n_layers * n_heads * head_dim * seq_len
   (Chowdhery et al. 2022, Appendix B), the convention behind MFU numbers.
+
+For sliding-window and linear attention the sequence length in the attention
+term becomes :func:`attention_span` (the window, or the chunk plus head_dim).
 """
 
 from __future__ import annotations
@@ -49,6 +52,8 @@ def count_params(config: TransformerConfig) -> ParamCounts:
     attn = d * qkv_out + b * qkv_out + config.n_heads * hd * d + b * d
     if config.qk_norm:
         attn += 2 * hd
+    if config.attention == "linear":  # per-head gate (weight and bias) and the output RMSNorm
+        attn += d * config.n_heads + config.n_heads + hd
     h = config.hidden_dim
     fc_out = 2 * h if config.ffn_type == "swiglu" else h
     mlp = d * fc_out + b * fc_out + h * d + b * d
@@ -75,11 +80,26 @@ def flops_per_token(config: TransformerConfig, seq_len: int | None = None, conve
     d_attn = config.n_heads * config.head_dim
     if convention == "6n":
         return base
+    T = attention_span(config, T)
     if convention == "kaplan":
         return base + 6.0 * config.n_layers * T * d_attn
     if convention == "palm":
         return base + 12.0 * config.n_layers * T * d_attn
     raise ValueError(f"unknown FLOP convention {convention!r}; use '6n', 'kaplan' or 'palm'")
+
+
+def attention_span(config: TransformerConfig, seq_len: int) -> int:
+    """Keys one query's attention matmuls cover: the T in the FLOP formulas above.
+
+    Full attention: ``seq_len``. Sliding window: ``min(seq_len, sliding_window)``. Linear
+    attention: the chunk (the decayed q.k inside it) plus ``head_dim`` (reading and updating
+    the head_dim x head_dim state per token costs as much as head_dim more keys).
+    """
+    if config.attention == "sliding_window":
+        return min(seq_len, config.sliding_window)
+    if config.attention == "linear":
+        return min(seq_len, config.linear_chunk_size) + config.head_dim
+    return seq_len
 
 
 def training_flops(

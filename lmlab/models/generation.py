@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from lmlab.models.heads import CausalLM
-from lmlab.models.transformer import KVCache
+from lmlab.models.attention import allocate_cache
 
 
 @dataclass
@@ -102,7 +102,8 @@ def generate(
         )
     param = next(model.parameters())
     dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else param.dtype
-    cache = KVCache.allocate(model.config, B, total, device, dtype)
+    # a KV cache, a sliding-window ring buffer or linear-attention states, by config.attention
+    cache = allocate_cache(model.config, B, total, device, dtype)
     mask = torch.zeros((B, total), dtype=torch.long, device=device)
     mask[:, :P] = attention_mask
     positions = (attention_mask.long().cumsum(1) - 1).clamp(min=0)

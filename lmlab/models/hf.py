@@ -40,7 +40,7 @@ HF_CONFIG = "config.json"
 LMLAB_CONFIG = "lmlab_config.json"
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
-SUPPORTED_MODEL_TYPES = ("llama", "gpt2")
+SUPPORTED_MODEL_TYPES = ("llama", "gpt2", "mistral")
 
 _LLAMA_NEEDS = {"norm_type": "rmsnorm", "position": "rope", "ffn_type": "swiglu", "qk_norm": False}
 _GPT2_NEEDS = {"norm_type": "layernorm", "position": "learned", "ffn_type": "gelu", "qk_norm": False}
@@ -52,8 +52,11 @@ _GPT2_NEEDS = {"norm_type": "layernorm", "position": "learned", "ffn_type": "gel
 def hf_architecture(config: TransformerConfig, field: str = "model.config") -> str:
     """``"llama"`` or ``"gpt2"``: the transformers architecture computing exactly this model.
 
-    Raises :class:`ConfigError` listing the fields that rule out each one.
+    Raises :class:`ConfigError` listing the fields that rule out each one. Sliding-window
+    attention maps to ``"mistral"`` (the LLaMA block with Mistral's window mask).
     """
+    if config.attention != "full":
+        return _variant_architecture(config, field)
     llama_off = [f"{k}={getattr(config, k)!r} (needs {v!r})" for k, v in _LLAMA_NEEDS.items() if getattr(config, k) != v]
     if not llama_off:
         return "llama"
@@ -71,6 +74,19 @@ def hf_architecture(config: TransformerConfig, field: str = "model.config") -> s
     )
 
 
+def _variant_architecture(config: TransformerConfig, field: str) -> str:
+    if config.attention == "linear":
+        raise ConfigError(field, "linear attention has no transformers class", "export it with --format lmlab")
+    off = [f"{k}={getattr(config, k)!r} (needs {v!r})" for k, v in _LLAMA_NEEDS.items() if getattr(config, k) != v]
+    if config.bias:
+        off.append("bias=True (Mistral has no biases)")
+    if off:
+        raise ConfigError(field, f"a sliding-window model exports to MistralForCausalLM, ruled out by {', '.join(off)}",
+                          "export with --format lmlab, or train with norm_type=rmsnorm, position=rope, "
+                          "ffn_type=swiglu, qk_norm=false, bias=false")
+    return "mistral"
+
+
 # --- configs -----------------------------------------------------------------------------------
 
 
@@ -85,7 +101,9 @@ def to_hf_config(
     """A transformers config (``LlamaConfig`` or ``GPT2Config``) for ``config``, with the real vocab size."""
     arch = hf_architecture(config)
     ids = dict(bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
-    if arch == "llama":
+    if arch == "mistral":
+        hf = _mistral_config(config, ids)
+    elif arch == "llama":
         from transformers import LlamaConfig
 
         hf = LlamaConfig(
@@ -139,6 +157,31 @@ def to_hf_config(
     return hf
 
 
+def _mistral_config(config: TransformerConfig, ids: dict):
+    from transformers import MistralConfig
+
+    hf = MistralConfig(
+        vocab_size=config.vocab_size,
+        hidden_size=config.d_model,
+        intermediate_size=config.hidden_dim,
+        num_hidden_layers=config.n_layers,
+        num_attention_heads=config.n_heads,
+        num_key_value_heads=config.kv_heads,
+        head_dim=config.head_dim,
+        hidden_act="silu",
+        max_position_embeddings=config.max_seq_len,
+        rms_norm_eps=config.norm_eps,
+        rope_theta=config.rope_theta,
+        sliding_window=config.sliding_window,
+        attention_dropout=config.dropout,
+        tie_word_embeddings=config.tie_embeddings,
+        initializer_range=config.init_std,
+        **ids,
+    )
+    hf.architectures = ["MistralForCausalLM"]
+    return hf
+
+
 def _rope_theta(hf: dict) -> float:
     params = hf.get("rope_parameters") or {}
     scaling = hf.get("rope_scaling") or {}
@@ -165,7 +208,7 @@ def from_hf_config(hf: dict, pad_vocab_to: Optional[int] = None) -> TransformerC
         )
     vocab = int(hf["vocab_size"])
     pad = pad_vocab_to if pad_vocab_to is not None else (64 if vocab % 64 == 0 else 1)
-    if model_type == "llama":
+    if model_type in ("llama", "mistral"):
         d, heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
         head_dim = hf.get("head_dim") or d // heads
         if head_dim * heads != d:
@@ -183,7 +226,7 @@ def from_hf_config(hf: dict, pad_vocab_to: Optional[int] = None) -> TransformerC
             norm_type="rmsnorm", norm_eps=float(hf.get("rms_norm_eps", 1e-6)), bias=bool(hf.get("attention_bias", False)),
             position="rope", rope_theta=_rope_theta(hf), tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
             max_seq_len=int(hf.get("max_position_embeddings", 2048)), pad_vocab_to=pad,
-            init_std=float(hf.get("initializer_range", 0.02)),
+            init_std=float(hf.get("initializer_range", 0.02)), **_window_fields(hf),
         )
     if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
         raise ConfigError("config.json.activation_function", f"{hf['activation_function']!r} is not supported",
@@ -201,6 +244,12 @@ def from_hf_config(hf: dict, pad_vocab_to: Optional[int] = None) -> TransformerC
     )
 
 
+def _window_fields(hf: dict) -> dict:
+    # a Mistral without a window (sliding_window: null) is a LLaMA
+    window = hf.get("sliding_window") if hf.get("model_type") == "mistral" else None
+    return dict(attention="sliding_window", sliding_window=int(window)) if window else {}
+
+
 # --- state dicts -------------------------------------------------------------------------------
 
 
@@ -216,7 +265,7 @@ def to_hf_state(config: TransformerConfig, state: dict[str, torch.Tensor]) -> di
         return state[name]
 
     q_rows, kv_rows = config.n_heads * config.head_dim, config.kv_heads * config.head_dim
-    if arch == "llama":
+    if arch in ("llama", "mistral"):  # the same tensors; Mistral differs only in its attention mask
         out["model.embed_tokens.weight"] = get("backbone.tok_emb.weight")[:V]
         for i in range(config.n_layers):
             src, dst = f"backbone.blocks.{i}.", f"model.layers.{i}."
@@ -277,7 +326,7 @@ def from_hf_state(config: TransformerConfig, hf_state: dict[str, torch.Tensor], 
         return torch.cat([t, torch.zeros(Vp - V, *t.shape[1:], dtype=t.dtype)], dim=0)
 
     out: dict[str, torch.Tensor] = {}
-    if model_type == "llama":
+    if model_type in ("llama", "mistral"):
         out["backbone.tok_emb.weight"] = pad_rows(get("model.embed_tokens.weight"))
         for i in range(config.n_layers):
             src, dst = f"model.layers.{i}.", f"backbone.blocks.{i}."
@@ -367,7 +416,8 @@ def hf_dir_config(path: str | os.PathLike) -> TransformerConfig:
     config = from_hf_config(json.loads((p / HF_CONFIG).read_text()))
     if (p / LMLAB_CONFIG).is_file():
         own = TransformerConfig.from_dict(json.loads((p / LMLAB_CONFIG).read_text()))
-        for key in ("vocab_size", "d_model", "n_layers", "n_heads", "kv_heads", "hidden_dim", "tie_embeddings"):
+        for key in ("vocab_size", "d_model", "n_layers", "n_heads", "kv_heads", "hidden_dim", "tie_embeddings",
+                    "sliding_window"):
             if getattr(own, key) != getattr(config, key):
                 raise ConfigError(f"{p / LMLAB_CONFIG}", f"{key}={getattr(own, key)} disagrees with config.json "
                                   f"({getattr(config, key)})", "delete the stale lmlab_config.json")

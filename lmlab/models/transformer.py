@@ -103,14 +103,10 @@ class Attention(nn.Module):
             self.q_norm = self.k_norm = None
         self.dropout = config.dropout
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        rope: Optional[tuple[torch.Tensor, torch.Tensor]],
-        mask: Optional[torch.Tensor],
-        cache: Optional[KVCache] = None,
-        layer: int = 0,
-    ) -> torch.Tensor:
+    def project_qkv(
+        self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries (B, n_heads, T, head_dim), keys and values (B, kv_heads, T, head_dim), normed and rotated."""
         B, T, _ = x.shape
         q, k, v = self.qkv(x).split(
             [self.n_heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim], dim=-1
@@ -123,6 +119,18 @@ class Attention(nn.Module):
         if rope is not None:
             cos, sin = rope
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        return q, k, v
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: Optional[tuple[torch.Tensor, torch.Tensor]],
+        mask: Optional[torch.Tensor],
+        cache: Optional[KVCache] = None,
+        layer: int = 0,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.project_qkv(x, rope)
         if cache is not None:
             start = cache.length
             cache.keys[layer][:, :, start : start + T] = k
@@ -174,7 +182,7 @@ class Block(nn.Module):
     def __init__(self, config: TransformerConfig):
         super().__init__()
         self.norm1 = make_norm(config, config.d_model)
-        self.attn = Attention(config)
+        self.attn = Attention(config) if config.attention == "full" else _variant_attention(config)
         self.norm2 = make_norm(config, config.d_model)
         self.mlp = MLP(config)
         self.drop = nn.Dropout(config.dropout)
@@ -183,6 +191,12 @@ class Block(nn.Module):
         x = x + self.drop(self.attn(self.norm1(x), rope, mask, cache, layer))
         x = x + self.drop(self.mlp(self.norm2(x)))
         return x
+
+
+def _variant_attention(config: TransformerConfig) -> nn.Module:
+    from lmlab.models.attention import build_attention  # it subclasses Attention, so it imports this module
+
+    return build_attention(config)
 
 
 def positions_from_documents(doc_ids: torch.Tensor) -> torch.Tensor:
@@ -279,7 +293,11 @@ class Transformer(nn.Module):
             else:
                 position_ids = torch.arange(start, start + T, device=input_ids.device).unsqueeze(0).expand(B, T)
         mask = None
-        if doc_ids is not None or attention_mask is not None or (cache is not None and T > 1 and start > 0):
+        if self.config.attention != "full":
+            from lmlab.models.attention import variant_mask
+
+            mask = variant_mask(self.config, T, start, input_ids.device, doc_ids, attention_mask, cache)
+        elif doc_ids is not None or attention_mask is not None or (cache is not None and T > 1 and start > 0):
             mask = build_attention_mask(T, start + T, input_ids.device, doc_ids, attention_mask)
         elif cache is not None and T > 1:
             mask = build_attention_mask(T, T, input_ids.device)

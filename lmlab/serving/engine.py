@@ -17,6 +17,10 @@ Between decode steps the scheduler
 
 Sampling is per request (temperature, top-k, top-p, seed), with the same
 arithmetic as ``generate``, so greedy outputs match it token for token.
+
+Sliding-window models keep the full-length cache here and apply the window in
+the attention mask (a row's tokens occupy contiguous columns, so column
+distance is token distance); linear-attention models are refused.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from lmlab.errors import ConfigError
 from lmlab.models.generation import filter_logits, left_pad
 from lmlab.models.transformer import KVCache
 
@@ -105,6 +110,11 @@ class Engine:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.config = model.config
+        if self.config.attention == "linear":
+            # rows are shifted and copied column by column; a recurrent state has no columns
+            raise ConfigError("model.config.attention", "the serving engine cannot batch linear attention "
+                              "(it keeps a recurrent state, not a per-position KV cache)",
+                              "serve a full or sliding_window model, or decode with lmlab.models.generate")
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.capacity = model.config.max_seq_len
