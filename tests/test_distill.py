@@ -341,3 +341,17 @@ def test_experiments_distill_yaml_runs(workdir, tmp_path, monkeypatch):
     main(["fit", "--config", "experiments/distill.yaml", "--config", str(extra)])
     ckpt = open_checkpoint(run / "checkpoints" / "last.ckpt")
     assert ckpt.stage == "distill" and ckpt.meta["teacher"] == str(workdir / "teacher.ckpt") and ckpt.config.d_model == 64
+
+
+@pytest.mark.parametrize("flag,expected", [
+    ("--model.alpha=2", "lmlab fit: error: model.alpha: must be in [0, 1], got 2.0"),
+    ("--model.teacher=null", "lmlab fit: error: model.teacher: no teacher given"),
+    ("--model.temperature=-1", "lmlab fit: error: model.temperature: must be a positive number"),
+])
+def test_the_command_stops_with_one_line(flag, expected, monkeypatch, capsys):
+    from lmlab.cli import main
+
+    monkeypatch.chdir(REPO)
+    code = main(["fit", "--config", "experiments/distill.yaml", flag])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith(expected) and "Traceback" not in "\n".join(err)
