@@ -122,5 +122,11 @@ def test_the_readme_sequence_runs_as_written(shared_data, repo_root, tmp_path):
     assert tuned.stage == "sft" and tuned.require_config() == source.require_config()
     assert tuned.tokenizer_info == source.tokenizer_info
 
+    distill = pick(commands, "distillation", lambda c: c == ["lmlab", "fit", "--config", "experiments/distill.yaml"])
+    run(distill, "--trainer.max_steps=2")
+    student = open_checkpoint(work / "runs/distill/checkpoints/last.ckpt")
+    assert student.stage == "distill" and student.meta["teacher"] == QS_CKPT
+    assert student.tokenizer_info == source.tokenizer_info and student.require_config().d_model == 64
+
     printed = run(plan)
     assert "fits:" in printed and "FLOPs" in printed

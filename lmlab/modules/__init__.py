@@ -20,6 +20,8 @@ _EXPORTS = {
     "PPOConfig": "lmlab.modules.ppo",
     "KLConfig": "lmlab.modules.ppo",
     "SafetyConfig": "lmlab.modules.ppo",
+    "DistillModule": "lmlab.modules.distill",
+    "OnPolicyConfig": "lmlab.modules.distill",
 }
 
 __all__ = list(_EXPORTS)
