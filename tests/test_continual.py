@@ -15,7 +15,7 @@ from lightning.pytorch.loggers import CSVLogger
 from helpers import LossRecorder, make_trainer, write_corpus
 from lmlab.cli import main
 from lmlab.data import PretrainDataModule, SourceConfig, TokenizerTrainConfig
-from lmlab.data.pretrain.datamodule import MixtureBatches
+from lmlab.data.pretrain.datamodule import MixtureBatches, train_tokenizer_on_mixture
 from lmlab.errors import ConfigError
 from lmlab.models import TransformerConfig
 from lmlab.modules import OptimizerConfig, PretrainModule, ScheduleConfig, TrainingSettings
@@ -28,6 +28,8 @@ REPO = Path(__file__).resolve().parents[1]
 def workdir(tmp_path_factory):
     root = tmp_path_factory.mktemp("continual")
     write_corpus(root / "corpus")
+    # the base model's tokenizer, from the original mixture only, whichever test runs first
+    train_tokenizer_on_mixture(old_sources(root), str(root / "tok"), TokenizerTrainConfig(vocab_size=320, sample_chars=200_000))
     return root
 
 
@@ -44,7 +46,6 @@ def make_dm(root: Path, replay_fraction=None, continual=True, **kw) -> PretrainD
     args = dict(
         sources=old_sources(root),
         tokenizer=str(root / "tok"),
-        tokenizer_train=TokenizerTrainConfig(vocab_size=320, sample_chars=200_000),
         seq_len=32, batch_size=8, val_fraction=0.05, val_max_windows=8, cache_dir=str(root / "cache"), seed=5,
     )
     if continual:
@@ -66,7 +67,7 @@ def base_ckpt(workdir, tmp_path_factory):
     """A base model briefly pretrained on the original mixture (web, books) only."""
     pl.seed_everything(0)
     out = tmp_path_factory.mktemp("base")
-    trainer = make_trainer(out, 6)
+    trainer = make_trainer(out, 20)
     trainer.fit(make_module(), datamodule=make_dm(workdir, continual=False))
     path = out / "base.ckpt"
     trainer.save_checkpoint(path)
@@ -151,7 +152,7 @@ def test_continued_run_starts_from_the_checkpoint_and_resumes_exactly(workdir, b
     pl.seed_everything(3)
     make_trainer(tmp_path / "f", 1, [fresh]).fit(make_module(None), datamodule=make_dm(workdir, 0.25))
     # the base checkpoint, not a fresh init, is where training starts (lower first loss)
-    assert full.losses[0] < fresh.losses[0] - 0.1
+    assert full.losses[0] < fresh.losses[0] - 0.3
 
     pl.seed_everything(3)
     first = LossRecorder(stop_at=cut)
@@ -263,7 +264,7 @@ def test_continual_recipe_runs_from_the_base_checkpoint(recipe_runs, monkeypatch
         assert 0 < float(r["val/old_bpb"]) < 10 and 0 < float(r["val/new_bpb"]) < 10
         assert r["val/code/bpb"] == r["val/new_bpb"]
     lrs = [float(r["train/lr"]) for r in rows if r.get("train/lr")]
-    assert lrs and lrs[0] == pytest.approx(1.5e-3 * (0.2 + 0.8 * 2 / 12))  # re-warming from 0.2 x peak
+    assert lrs and lrs[0] == pytest.approx(1.5e-3 * (0.2 + 0.8 * 2 / 15))  # re-warming from 0.2 x peak
 
 
 @pytest.mark.parametrize(
@@ -282,3 +283,10 @@ def test_continual_recipe_errors_are_one_line(recipe_runs, monkeypatch, capsys, 
     assert rc == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith(message) and "Traceback" not in "\n".join(err)
+
+
+def test_perplexity_eval_of_the_continual_recipe_covers_both_domains():
+    from lmlab.eval.perplexity import experiment_mixture
+
+    mix = experiment_mixture(REPO / "experiments" / "continual.yaml")
+    assert [s.name for s in mix["sources"]] == ["web", "books", "wiki", "code"]

@@ -72,6 +72,9 @@ def replay_mixture(
     """The original sources then the new ones, with weights ``f * w_i / sum(w)`` and ``(1 - f) * v_j / sum(v)``."""
     old_total = sum(s.weight for s in sources)
     new_total = sum(s.weight for s in new_sources)
+    if old_total <= 0 or new_total <= 0:
+        field = "data.sources" if old_total <= 0 else "data.new_sources"
+        raise ConfigError(field, "weights sum to zero", "give at least one source a positive weight")
     f = float(replay_fraction)
     return [replace(s, weight=f * s.weight / old_total) for s in sources] + [
         replace(s, weight=(1.0 - f) * s.weight / new_total) for s in new_sources
