@@ -290,3 +290,24 @@ def test_perplexity_eval_of_the_continual_recipe_covers_both_domains():
 
     mix = experiment_mixture(REPO / "experiments" / "continual.yaml")
     assert [s.name for s in mix["sources"]] == ["web", "books", "wiki", "code"]
+
+
+def test_study_driver_writes_its_table_and_figure(tmp_path):
+    import json
+    import sys
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import continual_replay
+
+    curve = [{"step": 10, "val/old_bpb": 3.0, "val/new_bpb": 4.0}, {"step": 20, "val/old_bpb": 3.2, "val/new_bpb": 3.5}]
+    runs = continual_replay._runs([0.0, 0.25], [0.25])
+    assert [(t, f, s) for t, f, s, _ in runs] == [("r00", 0.0, "re-warm"), ("r25", 0.25, "re-warm"), ("r25_no_warmup", 0.25, "no warmup")]
+    assert runs[2][3] == ["--model.settings.schedule.warmup_steps=0"]
+    results = [{"run": t, "replay_fraction": f, "schedule": s, "forgetting_bpb": 0.5, "gain_bpb": 1.0} for t, f, s, _ in runs]
+    summary = {"base": {"old_bpb": 2.7, "new_bpb": 5.0, "per_source_bpb": {}}, "results": results,
+               "curves": {t: curve for t, *_ in runs}, "wall_s": {}, "threads": 1}
+    continual_replay.write(summary, tmp_path, "python benchmarks/continual_replay.py")
+    rows = list(csv.DictReader(open(tmp_path / "continual_replay.csv")))
+    assert len(rows) == 1 + 3 * 2 and rows[0]["run"] == "base" and rows[-1]["schedule"] == "no warmup"
+    assert json.loads((tmp_path / "continual_replay.json").read_text())["command"] == "python benchmarks/continual_replay.py"
+    assert (tmp_path / "continual_replay.png").stat().st_size > 10_000
