@@ -318,7 +318,8 @@ def experiment_mixture(config_path: str | os.PathLike) -> dict[str, Any]:
     from lmlab.training_config import init_args, load_training_config
 
     data = init_args(load_training_config([config_path], budget=False).get("data"))
-    raw = data.get("sources")
+    # a continual-pretraining config's new domain is part of the mixture it validates on
+    raw = (data.get("sources") or []) + (data.get("new_sources") or [])
     if not raw:
         raise ConfigError("data.sources", f"{config_path} defines no sources", "use an experiment YAML with a data.sources list")
     try:

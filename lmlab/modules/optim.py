@@ -9,6 +9,14 @@ the first update) returning a multiplier of the peak learning rate:
 - ``wsd``: warmup-stable-decay: linear warmup, constant, then decay to
   ``min_lr_ratio`` over the last ``decay_fraction`` of ``total_steps``.
 - ``constant``: linear warmup, then 1.
+
+Warmup rises linearly from ``warmup_start_ratio`` (default 0) to 1 over
+``warmup_steps``. Continual pretraining (``model.init_from`` with new data)
+starts a fresh optimizer and schedule, so it *re-warms*: ``warmup_steps > 0``
+warms up again from the checkpoint, from ``warmup_start_ratio`` times the peak
+(e.g. the previous run's ``min_lr_ratio``, where its schedule ended) to the
+new peak, then decays again; ``warmup_steps: 0`` continues at the peak with
+no warmup.
 """
 
 from __future__ import annotations
@@ -62,6 +70,9 @@ class ScheduleConfig:
             0.1 is the Chinchilla convention.
         decay_fraction: Share of ``total_steps`` spent decaying in WSD.
         decay_shape: WSD decay curve: ``linear``, ``cosine`` or ``sqrt`` (1 - sqrt).
+        warmup_start_ratio: LR at the start of warmup as a fraction of the
+            peak, in [0, 1). 0 for pretraining from scratch; for re-warming a
+            continued run, the ratio where the checkpoint's schedule ended.
     """
 
     name: Literal["cosine", "wsd", "inverse_sqrt", "constant"] = "cosine"
@@ -70,6 +81,7 @@ class ScheduleConfig:
     min_lr_ratio: float = 0.1
     decay_fraction: float = 0.2
     decay_shape: Literal["linear", "cosine", "sqrt"] = "linear"
+    warmup_start_ratio: float = 0.0
 
 
 @dataclass
@@ -92,15 +104,20 @@ class TrainingSettings:
     peak_flops_per_device: Optional[float] = None
 
 
-def inverse_sqrt(t: int, warmup: int) -> float:
+def _warming(t: int, warmup: int, start: float) -> float:
+    """Linear warmup from ``start`` (at t = 0) to 1 (at t = warmup); exactly ``t / warmup`` for start 0."""
+    return t / warmup if start == 0 else start + (1.0 - start) * (t / warmup)
+
+
+def inverse_sqrt(t: int, warmup: int, start: float = 0.0) -> float:
     t = max(t, 1)
     w = max(warmup, 1)
-    return min(t / w, math.sqrt(w / t))
+    return min(_warming(t, w, start), math.sqrt(w / t))
 
 
-def warmup_cosine(t: int, warmup: int, total: int, min_ratio: float) -> float:
+def warmup_cosine(t: int, warmup: int, total: int, min_ratio: float, start: float = 0.0) -> float:
     if warmup > 0 and t <= warmup:
-        return t / warmup
+        return _warming(t, warmup, start)
     if t >= total:
         return min_ratio
     progress = (t - warmup) / max(1, total - warmup)
@@ -108,10 +125,10 @@ def warmup_cosine(t: int, warmup: int, total: int, min_ratio: float) -> float:
 
 
 def warmup_stable_decay(
-    t: int, warmup: int, total: int, min_ratio: float, decay_fraction: float, shape: str = "linear"
+    t: int, warmup: int, total: int, min_ratio: float, decay_fraction: float, shape: str = "linear", start: float = 0.0
 ) -> float:
     if warmup > 0 and t <= warmup:
-        return t / warmup
+        return _warming(t, warmup, start)
     decay_steps = max(1, int(round(decay_fraction * total)))
     decay_start = total - decay_steps
     if t <= decay_start:
@@ -128,9 +145,9 @@ def warmup_stable_decay(
     return min_ratio + (1.0 - min_ratio) * frac
 
 
-def constant_with_warmup(t: int, warmup: int) -> float:
+def constant_with_warmup(t: int, warmup: int, start: float = 0.0) -> float:
     if warmup > 0 and t <= warmup:
-        return t / warmup
+        return _warming(t, warmup, start)
     return 1.0
 
 
@@ -148,17 +165,18 @@ class LRLambda:
     min_ratio: float
     decay_fraction: float
     shape: str
+    start: float = 0.0
 
     def __call__(self, completed: int) -> float:
         t = completed + 1
         if self.name == "inverse_sqrt":
-            return inverse_sqrt(t, self.warmup)
+            return inverse_sqrt(t, self.warmup, self.start)
         if self.name == "cosine":
-            return warmup_cosine(t, self.warmup, self.total, self.min_ratio)
+            return warmup_cosine(t, self.warmup, self.total, self.min_ratio, self.start)
         if self.name == "wsd":
-            return warmup_stable_decay(t, self.warmup, self.total, self.min_ratio, self.decay_fraction, self.shape)
+            return warmup_stable_decay(t, self.warmup, self.total, self.min_ratio, self.decay_fraction, self.shape, self.start)
         if self.name == "constant":
-            return constant_with_warmup(t, self.warmup)
+            return constant_with_warmup(t, self.warmup, self.start)
         raise ConfigError("model.settings.schedule.name", f"unknown schedule {self.name!r}", "use cosine, wsd, inverse_sqrt or constant")
 
 
@@ -170,7 +188,15 @@ def make_lr_lambda(cfg: ScheduleConfig, max_steps: Optional[int]) -> LRLambda:
         )
     if cfg.warmup_steps < 0:
         raise ConfigError("model.settings.schedule.warmup_steps", f"must be >= 0, got {cfg.warmup_steps}")
-    return LRLambda(cfg.name, cfg.warmup_steps, int(total or 0), cfg.min_lr_ratio, cfg.decay_fraction, cfg.decay_shape)
+    if not 0 <= cfg.warmup_start_ratio < 1:
+        raise ConfigError(
+            "model.settings.schedule.warmup_start_ratio",
+            f"must be in [0, 1), got {cfg.warmup_start_ratio}",
+            "0 warms up from zero; use warmup_steps: 0 for no warmup",
+        )
+    return LRLambda(
+        cfg.name, cfg.warmup_steps, int(total or 0), cfg.min_lr_ratio, cfg.decay_fraction, cfg.decay_shape, cfg.warmup_start_ratio
+    )
 
 
 def param_groups(model: nn.Module, cfg: OptimizerConfig) -> list[dict]:

@@ -28,7 +28,11 @@ class PretrainModule(LMModuleBase):
     batch. Logs train/val loss, perplexity (exp of mean token NLL), bits per
     byte (summed NLL / (ln 2 * UTF-8 bytes of the targets), comparable across
     tokenizers), tokens seen, learning rate, pre-clip gradient norm,
-    throughput and MFU; validation is reported per source and overall.
+    throughput and MFU; validation is reported per source and overall, and,
+    when the data continues pretraining on a new domain (its
+    ``val_source_groups``), pooled over the original mixture
+    (``val/old_loss``, ``val/old_bpb``) and over the new domain
+    (``val/new_loss``, ``val/new_bpb``).
 
     Args:
         config: Backbone shape (see :class:`~lmlab.models.config.TransformerConfig`).
@@ -55,6 +59,7 @@ class PretrainModule(LMModuleBase):
         self.register_buffer("token_bytes", torch.zeros(0, dtype=torch.long), persistent=False)
         self._val_sums: dict[int, torch.Tensor] = {}
         self._val_names: list[str] = []
+        self._val_groups: dict[str, list[str]] = {}
 
     def build_model(self) -> CausalLM:
         return CausalLM(self.config)
@@ -76,6 +81,8 @@ class PretrainModule(LMModuleBase):
         self.eos_id = dm.eos_id
         self.token_bytes = torch.as_tensor(dm.token_bytes(), dtype=torch.long, device=self.device)
         self._val_names = dm.val_source_names
+        # optional: only a DataModule that continues pretraining on a new domain has groups
+        self._val_groups = dict(getattr(dm, "val_source_groups", None) or {})
 
     def _announce(self, dm) -> None:
         steps = self.trainer.max_steps
@@ -147,6 +154,12 @@ class PretrainModule(LMModuleBase):
                 continue
             metrics[f"val/{name}/loss"] = nll / n
             metrics[f"val/{name}/bpb"] = nll / (LN2 * max(nbytes, 1.0))
+        for group, members in self._val_groups.items():
+            rows = [names.index(m) for m in members if m in names]
+            nll, n, nbytes = table[rows].sum(0).tolist() if rows else (0.0, 0.0, 0.0)
+            if n > 0:
+                metrics[f"val/{group}_loss"] = nll / n
+                metrics[f"val/{group}_bpb"] = nll / (LN2 * max(nbytes, 1.0))
         nll, n, nbytes = table.sum(0).tolist()
         if n > 0:
             metrics["val/loss"] = nll / n

@@ -17,6 +17,7 @@ from lmlab.data.pretrain.batching import BatchSchedule
 from lmlab.data.pretrain.mixture import MixtureSampler
 from lmlab.data.pretrain.packing import build_or_load_cache, load_cache, num_windows, window
 from lmlab.data.pretrain.reading import SharedDocuments
+from lmlab.data.pretrain.replay import NEW, OLD, check_replay, new_source_fields, replay_mixture
 from lmlab.data.pretrain.sources import SourceConfig, iter_documents, validate_sources
 from lmlab.distributed.hooks import data_parallel_rank_and_size
 from lmlab.data.tokenizer import TokenizerTrainConfig, load_tokenizer, token_byte_lengths, train_bpe
@@ -113,6 +114,12 @@ class PretrainDataModule(pl.LightningDataModule):
             (filtered, deduplicated, shuffled); used instead of tokenizing the
             sources, which then only give names and weights.
         num_workers: Data-loader worker processes.
+        new_sources: Continual pretraining: the new domain's sources (their
+            weights set the proportions inside the new domain). With them,
+            ``sources`` is the original mixture that is replayed
+            (see :mod:`lmlab.data.pretrain.replay`).
+        replay_fraction: Share of training samples drawn from the original
+            mixture ``sources`` when ``new_sources`` is set, in [0, 1].
     """
 
     def __init__(
@@ -131,6 +138,8 @@ class PretrainDataModule(pl.LightningDataModule):
         cache_dir: str = ".lmlab_cache",
         prepared_dir: Optional[str] = None,
         num_workers: int = 0,
+        new_sources: Optional[list[SourceConfig]] = None,
+        replay_fraction: Optional[float] = None,
     ):
         super().__init__()
         if seq_len <= 0:
@@ -144,7 +153,12 @@ class PretrainDataModule(pl.LightningDataModule):
             raise ConfigError(
                 "data.prepared_dir", f"{prepared_dir} holds no prepared data (no meta.json)", "run `lmlab data prepare` first"
             )
+        check_replay(sources, new_sources, replay_fraction, check_files=prepared_dir is None)
         self.sources = sources
+        self.new_sources = new_sources
+        self.replay_fraction = replay_fraction
+        #: what the sampler draws from: ``sources``, or the original and new sources weighted by the replay fraction
+        self.mixture = sources if new_sources is None else replay_mixture(sources, new_sources, replay_fraction)
         self.tokenizer_spec = tokenizer
         self.tokenizer_train = tokenizer_train
         self.seq_len = seq_len
@@ -168,17 +182,18 @@ class PretrainDataModule(pl.LightningDataModule):
             # ranks on separate nodes sharing one filesystem may both train it: the same seed gives the same
             # tokenizer, and the first one published is kept rather than swapped under a rank that is loading it
             self.tokenizer = train_tokenizer_on_mixture(
-                self.sources, self.tokenizer_spec, self.tokenizer_train, replace=False, documents=documents
+                self.mixture, self.tokenizer_spec, self.tokenizer_train, replace=False, documents=documents
             )
         else:
             self.tokenizer = load_tokenizer(self.tokenizer_spec)
 
     def prepare_data(self) -> None:
         # one reader per source for the whole prepare: packing continues where tokenizer training stopped
-        documents = SharedDocuments(self.sources) if self.prepared_dir is None else None
+        documents = SharedDocuments(self.mixture) if self.prepared_dir is None else None
         self._ensure_tokenizer(documents)
         if self.prepared_dir is None:
-            build_or_load_cache(self.sources, self.tokenizer, self.cache_dir, self.val_fraction, self.seed, documents)
+            with self._new_source_fields():
+                build_or_load_cache(self.mixture, self.tokenizer, self.cache_dir, self.val_fraction, self.seed, documents)
 
     def setup(self, stage: Optional[str] = None) -> None:
         if self.streams is not None:
@@ -186,13 +201,29 @@ class PretrainDataModule(pl.LightningDataModule):
         self._ensure_tokenizer()
         if self.prepared_dir is not None:
             self.cache_path = Path(os.path.expanduser(self.prepared_dir))
-            self.streams = load_cache(self.cache_path, [s.name for s in self.sources])
+            self.streams = load_cache(self.cache_path, [s.name for s in self.mixture])
         else:
-            self.cache_path, self.streams = build_or_load_cache(
-                self.sources, self.tokenizer, self.cache_dir, self.val_fraction, self.seed
-            )
-        sizes = [num_windows(self.streams[s.name].train, self.seq_len) for s in self.sources]
-        self.sampler = MixtureSampler([s.name for s in self.sources], [s.weight for s in self.sources], sizes, self.seed)
+            with self._new_source_fields():
+                self.cache_path, self.streams = build_or_load_cache(
+                    self.mixture, self.tokenizer, self.cache_dir, self.val_fraction, self.seed
+                )
+        sizes = [num_windows(self.streams[s.name].train, self.seq_len) for s in self.mixture]
+        with self._new_source_fields():
+            self._check_new_domain(sizes)
+            self.sampler = MixtureSampler([s.name for s in self.mixture], [s.weight for s in self.mixture], sizes, self.seed)
+
+    def _new_source_fields(self):
+        return new_source_fields(len(self.sources), [s.name for s in self.new_sources or []])
+
+    def _check_new_domain(self, sizes: list[int]) -> None:
+        # the new domain must train even where the replay fraction is 1 and its weight is 0
+        for i, (src, n) in enumerate(zip(self.mixture, sizes)):
+            if self.new_sources is not None and i >= len(self.sources) and n <= 0:
+                raise ConfigError(
+                    f"data.sources[{i}]",
+                    f"new-domain source {src.name!r} is empty: no training window of {self.seq_len + 1} tokens",
+                    "add data to it or lower data.seq_len",
+                )
 
     # -- properties the module reads -------------------------------------------
     @property
@@ -224,7 +255,18 @@ class PretrainDataModule(pl.LightningDataModule):
 
     @property
     def val_source_names(self) -> list[str]:
-        return [s.name for s in self.sources if self.streams and num_windows(self.streams[s.name].val, self.seq_len) > 0]
+        return [s.name for s in self.mixture if self.streams and num_windows(self.streams[s.name].val, self.seq_len) > 0]
+
+    @property
+    def val_source_groups(self) -> dict[str, list[str]]:
+        """Continual pretraining: validation sources of the original mixture (``old``) and of the new domain (``new``)."""
+        if self.new_sources is None:
+            return {}
+        have = set(self.val_source_names)
+        return {
+            OLD: [s.name for s in self.sources if s.name in have],
+            NEW: [s.name for s in self.new_sources if s.name in have],
+        }
 
     def train_stats(self, steps: int) -> dict:
         """Samples, tokens and epochs per source for the first ``steps`` optimizer steps."""
@@ -250,7 +292,7 @@ class PretrainDataModule(pl.LightningDataModule):
             self.schedule.check_divisible(self.micro_batch_size, self.world_size, max_steps)
             self._report_repetition(max_steps)
         ds = MixtureBatches(
-            [self.streams[s.name].train for s in self.sources],
+            [self.streams[s.name].train for s in self.mixture],
             self.sampler,
             self.schedule,
             self.seq_len,
@@ -293,11 +335,16 @@ class PretrainDataModule(pl.LightningDataModule):
     # -- checkpoint state ----------------------------------------------------------
     def state_dict(self) -> dict:
         step = self.trainer.global_step if self.trainer is not None else self._resume_step
-        return {"step": int(step), "seed": int(self.seed)}
+        state = {"step": int(step), "seed": int(self.seed)}
+        if self.replay_fraction is not None:
+            state["replay_fraction"] = float(self.replay_fraction)
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         if int(state.get("seed", self.seed)) != self.seed:
             warnings.warn("resuming with a different data seed: the data stream will differ", stacklevel=2)
+        if state.get("replay_fraction") != (None if self.replay_fraction is None else float(self.replay_fraction)):
+            warnings.warn("resuming with a different data.replay_fraction: the data stream will differ", stacklevel=2)
         self._resume_step = int(state.get("step", 0))
 
 
