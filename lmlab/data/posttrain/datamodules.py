@@ -28,7 +28,7 @@ from typing import Any, Literal, Optional, Sequence
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
 
 from lmlab.data.posttrain.chat import IGNORE_INDEX, stop_token_ids
 from lmlab.data.posttrain.records import (
@@ -179,6 +179,41 @@ class ListDataset(Dataset):
 
 
 @dataclass
+class ResumedSampler(Sampler[int]):
+    """A seeded ``RandomSampler`` continued after ``batches`` batches of ``batch_size`` (a resumed run).
+
+    The first pass replays the draws of the epochs already finished and skips
+    the samples already trained on in the current one, so a run resumed from a
+    checkpoint sees the batches the uninterrupted run would have; later passes
+    are the plain sampler's.
+    """
+
+    def __init__(self, sampler: RandomSampler, batches: int, batch_size: int, batches_per_epoch: int):
+        self.sampler = sampler
+        self._skip: Optional[tuple[int, int]] = None
+        if batches > 0 and batches_per_epoch > 0:
+            self._skip = (batches // batches_per_epoch, (batches % batches_per_epoch) * batch_size)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self):
+        if self._skip is None:
+            yield from self.sampler
+            return
+        epochs, samples = self._skip
+        self._skip = None
+        for _ in range(epochs):
+            for _ in self.sampler:
+                pass
+            # each epoch's DataLoader iterator also draws its workers' base seed from the generator
+            torch.empty((), dtype=torch.int64).random_(generator=self.sampler.generator)
+        order = iter(self.sampler)
+        for _ in range(samples):
+            next(order, None)
+        yield from order
+
+
 class PreferenceBatchCollator:
     """Right-pads preference pairs (:func:`~lmlab.data.posttrain.records.collate_preferences`) and carries
     precomputed reference log-probs (``ref_chosen_logps``/``ref_rejected_logps``) when every example has them."""
@@ -328,12 +363,22 @@ class _PostTrainDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         self.setup()
         generator = torch.Generator().manual_seed(self.seed)
+        drop_last = len(self.train_examples) >= self.batch_size
+        dataset = ListDataset(self.train_examples)
+        resumed = getattr(self, "_resume_batches", 0)
+        if resumed:
+            n = len(dataset)
+            per_epoch = n // self.batch_size if drop_last else -(-n // self.batch_size)
+            sampler = ResumedSampler(RandomSampler(dataset, generator=generator), resumed, self.batch_size, per_epoch)
+            self._resume_batches = 0
+            return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, generator=generator, drop_last=drop_last,
+                              collate_fn=self._collate(), num_workers=self.num_workers)
         return DataLoader(
-            ListDataset(self.train_examples),
+            dataset,
             batch_size=self.batch_size,
             shuffle=True,
             generator=generator,
-            drop_last=len(self.train_examples) >= self.batch_size,
+            drop_last=drop_last,
             collate_fn=self._collate(),
             num_workers=self.num_workers,
         )
@@ -349,7 +394,16 @@ class _PostTrainDataModule(pl.LightningDataModule):
         return self.val_dataloader()
 
     def state_dict(self) -> dict:
-        return {"seed": int(self.seed)}
+        state = {"seed": int(self.seed)}
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            # training batches run so far: a resumed run continues the shuffled order after them
+            state["batches"] = int(trainer.fit_loop.epoch_loop.batch_progress.total.processed)
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        if int(state.get("seed", self.seed)) == self.seed:
+            self._resume_batches = int(state.get("batches", 0))
 
 
 # --------------------------------------------------------------------------- SFT
