@@ -178,7 +178,6 @@ class ListDataset(Dataset):
         return self.items[i]
 
 
-@dataclass
 class ResumedSampler(Sampler[int]):
     """A seeded ``RandomSampler`` continued after ``batches`` batches of ``batch_size`` (a resumed run).
 
@@ -214,6 +213,7 @@ class ResumedSampler(Sampler[int]):
         yield from order
 
 
+@dataclass
 class PreferenceBatchCollator:
     """Right-pads preference pairs (:func:`~lmlab.data.posttrain.records.collate_preferences`) and carries
     precomputed reference log-probs (``ref_chosen_logps``/``ref_rejected_logps``) when every example has them."""
