@@ -20,6 +20,8 @@ _EXPORTS = {
     "PPOConfig": "lmlab.modules.ppo",
     "KLConfig": "lmlab.modules.ppo",
     "SafetyConfig": "lmlab.modules.ppo",
+    "GRPOModule": "lmlab.modules.grpo",
+    "GRPOConfig": "lmlab.modules.grpo",
 }
 
 __all__ = list(_EXPORTS)
