@@ -216,6 +216,28 @@ def test_training_steps_log_trl_metrics_and_count_optimizer_steps(policy, tmp_pa
     assert "num_tokens" in metrics and "train/loss" in metrics and "reward" in metrics
 
 
+def test_a_reward_model_checkpoint_scores_the_groups(policy, tok, tmp_path):
+    from lmlab.modules.reward import RewardModule, score_sequences
+
+    torch.manual_seed(2)
+    rm = RewardModule(tiny_config(tok))
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.strategy.connect(rm)
+    rm.tokenizer_info = tokenizer_info(tok)
+    trainer.save_checkpoint(tmp_path / "rm.ckpt")
+    module = make_grpo(policy, reward_fn=None, reward_model=str(tmp_path / "rm.ckpt"))
+    assert module.reward_name == "reward_model" and not any(p.requires_grad for p in module.reward_model.parameters())
+    dm = prompt_dm()
+    module.attach_data(dm)
+    ro = module.make_rollout(next(iter(dm.train_dataloader())))
+    expected = score_sequences(module.reward_model, ro.sequences, ro.attention_mask, ro.position_ids).float()
+    assert torch.allclose(ro.extra["raw"], expected)
+    # group-relative: every group's advantages sum to zero
+    assert float(ro.advantages.view(-1, 4).sum(1).abs().max()) < 1e-4
+    make_trainer(tmp_path / "fit", 4).fit(module, datamodule=prompt_dm())
+    assert len(module.history) == 1 and "rewards/reward_model/mean" in module.history[0]
+
+
 def test_beta_zero_builds_no_reference_model(policy):
     module = make_grpo(policy, grpo=GRPOConfig(num_generations=2, beta=0.0))
     assert module.ref_model is None
