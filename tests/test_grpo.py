@@ -20,7 +20,7 @@ from lmlab.modules.grpo import GRPOConfig, GRPODivergenceError, GRPOModule
 from lmlab.modules.ppo import RolloutConfig
 from lmlab.modules.rlhf_math import group_advantages, grpo_loss, grpo_token_loss
 from lmlab.modules.sft import SFTModule
-from helpers import make_trainer
+from helpers import StopAfter, make_trainer
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 REPO = Path(__file__).resolve().parents[1]
@@ -244,27 +244,18 @@ def test_beta_zero_builds_no_reference_model(policy):
     assert make_grpo(policy).ref_model is not None
 
 
-class StopAfter(pl.Callback):
-    """Stop the run once ``steps`` optimizer steps are done."""
-
-    def __init__(self, steps: int):
-        self.steps = steps
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step >= self.steps:
-            trainer.should_stop = True
-
-
 def test_resume_reproduces_the_uninterrupted_run(policy, tmp_path):
-    per_iteration = 4  # 2 iterations x 2 minibatches
+    # 4 optimizer steps per iteration (2 passes x 2 minibatches); 4 prompt batches per data epoch, so the
+    # cut after 6 iterations lies in the middle of the second epoch (the first is replayed from the seed)
+    per_iteration, total, cut = 4, 8, 6
     pl.seed_everything(1)
     full = make_grpo(policy)
-    make_trainer(tmp_path / "a", 4 * per_iteration).fit(full, datamodule=prompt_dm())
+    make_trainer(tmp_path / "a", total * per_iteration).fit(full, datamodule=prompt_dm())
 
     pl.seed_everything(1)
     first = make_grpo(policy)
-    # same max_steps (the LR schedule depends on it), stopped after two iterations
-    t1 = make_trainer(tmp_path / "b", 4 * per_iteration, [StopAfter(2 * per_iteration)])
+    # same max_steps (the LR schedule depends on it), stopped after `cut` iterations
+    t1 = make_trainer(tmp_path / "b", total * per_iteration, [StopAfter(cut * per_iteration)])
     t1.fit(first, datamodule=prompt_dm())
     ckpt = tmp_path / "cut.ckpt"
     t1.save_checkpoint(ckpt)
@@ -272,9 +263,9 @@ def test_resume_reproduces_the_uninterrupted_run(policy, tmp_path):
 
     pl.seed_everything(999)  # state must come from the checkpoint
     second = make_grpo(policy)
-    make_trainer(tmp_path / "c", 4 * per_iteration).fit(second, datamodule=prompt_dm(), ckpt_path=str(ckpt))
-    assert len(full.history) == 4 and len(second.history) == 2
-    for ours, theirs in zip(second.history, full.history[2:]):
+    make_trainer(tmp_path / "c", total * per_iteration).fit(second, datamodule=prompt_dm(), ckpt_path=str(ckpt))
+    assert len(full.history) == total and len(second.history) == total - cut
+    for ours, theirs in zip(second.history, full.history[cut:]):
         for key in ("loss", "reward", "kl", "entropy", "completions/mean_length"):
             assert abs(ours[key] - theirs[key]) <= 1e-6, (key, ours, theirs)
     for a, b in zip(second.model.parameters(), full.model.parameters()):

@@ -573,6 +573,8 @@ class PPOModule(PolicyRollouts, PostTrainModuleBase):
             "score_moments": self.score_moments.state_dict(),
             "ref_score_stats": list(self.ref_score_stats) if self.ref_score_stats else None,
             "value_init": self.value_init,
+            "sampler_state": self.sampler_state(),
+            "shuffle_state": self._shuffle.get_state(),
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -582,3 +584,6 @@ class PPOModule(PolicyRollouts, PostTrainModuleBase):
             self.kl_ctl.value = float(state["kl_coef"])
             self.score_moments.load_state_dict(state["score_moments"])
             self.ref_score_stats = tuple(state["ref_score_stats"]) if state.get("ref_score_stats") else None
+            if "shuffle_state" in state:  # checkpoints from before these were saved resume with fresh streams
+                self.restore_sampler(state.get("sampler_state"))
+                self._shuffle.set_state(state["shuffle_state"])

@@ -184,14 +184,19 @@ class ResumedSampler(Sampler[int]):
     The first pass replays the draws of the epochs already finished and skips
     the samples already trained on in the current one, so a run resumed from a
     checkpoint sees the batches the uninterrupted run would have; later passes
-    are the plain sampler's.
+    are the plain sampler's. (A checkpoint written by a stop at an epoch's very
+    last batch is not continued exactly: Lightning then restarts the next epoch
+    with the finished epoch's batch count.)
     """
 
-    def __init__(self, sampler: RandomSampler, batches: int, batch_size: int, batches_per_epoch: int):
+    def __init__(self, sampler: RandomSampler, batches: int, batch_size: int, batches_per_epoch: int, drop_last: bool):
         self.sampler = sampler
         self._skip: Optional[tuple[int, int]] = None
         if batches > 0 and batches_per_epoch > 0:
             self._skip = (batches // batches_per_epoch, (batches % batches_per_epoch) * batch_size)
+        # the trainer stops after an epoch's last batch; the sampler only runs past its first
+        # permutation (drawing a second) when a partial last batch has to be completed
+        self._exhausted_each_epoch = not drop_last and len(sampler) % batch_size != 0
 
     def __len__(self) -> int:
         return len(self.sampler)
@@ -203,8 +208,11 @@ class ResumedSampler(Sampler[int]):
         epochs, samples = self._skip
         self._skip = None
         for _ in range(epochs):
-            for _ in self.sampler:
-                pass
+            finished = iter(self.sampler)
+            next(finished, None)  # draws the epoch's permutation
+            if self._exhausted_each_epoch:
+                for _ in finished:
+                    pass
             # each epoch's DataLoader iterator also draws its workers' base seed from the generator
             torch.empty((), dtype=torch.int64).random_(generator=self.sampler.generator)
         order = iter(self.sampler)
@@ -366,10 +374,12 @@ class _PostTrainDataModule(pl.LightningDataModule):
         drop_last = len(self.train_examples) >= self.batch_size
         dataset = ListDataset(self.train_examples)
         resumed = getattr(self, "_resume_batches", 0)
-        if resumed:
+        trainer = getattr(self, "trainer", None)
+        # under several processes Lightning swaps in a DistributedSampler with its own order; only one process continues exactly
+        if resumed and (trainer is None or trainer.world_size == 1):
             n = len(dataset)
             per_epoch = n // self.batch_size if drop_last else -(-n // self.batch_size)
-            sampler = ResumedSampler(RandomSampler(dataset, generator=generator), resumed, self.batch_size, per_epoch)
+            sampler = ResumedSampler(RandomSampler(dataset, generator=generator), resumed, self.batch_size, per_epoch, drop_last)
             self._resume_batches = 0
             return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, generator=generator, drop_last=drop_last,
                               collate_fn=self._collate(), num_workers=self.num_workers)
