@@ -238,6 +238,15 @@ def test_a_reward_model_checkpoint_scores_the_groups(policy, tok, tmp_path):
     assert len(module.history) == 1 and "rewards/reward_model/mean" in module.history[0]
 
 
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+def test_validation_scores_held_out_prompts(policy, tmp_path, beta):
+    module = make_grpo(policy, grpo=GRPOConfig(num_generations=2, beta=beta), val_temperature=1.0)
+    out = make_trainer(tmp_path, 1, limit_val_batches=1).validate(module, datamodule=prompt_dm(val_batch_size=8))[0]
+    assert 0.0 <= out["eval/score"] <= 1.0 and 1.0 <= out["eval/length"] <= 6.0
+    # the KL to the reference is measured only where there is a reference
+    assert ("eval/kl" in out) == (beta > 0)
+
+
 def test_beta_zero_builds_no_reference_model(policy):
     module = make_grpo(policy, grpo=GRPOConfig(num_generations=2, beta=0.0))
     assert module.ref_model is None
