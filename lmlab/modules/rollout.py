@@ -69,7 +69,9 @@ class PolicyRollouts:
     """Mixin: reference policy, reward, sampling, log-probs and held-out evaluation of an RL stage.
 
     The host class sets ``rollout_cfg`` (a :class:`~lmlab.modules.ppo.RolloutConfig`),
-    ``seed`` and ``val_temperature`` before calling :meth:`setup_rollouts`.
+    ``seed`` and ``val_temperature`` before calling :meth:`setup_rollouts`, and
+    defines ``_eval_mode`` (every network it holds in eval mode, so rollout and
+    recomputed log-probs agree).
     """
 
     def setup_rollouts(self, reward_model: Optional[str], reward_fn: Any, reward_fn_kwargs: Optional[dict],
