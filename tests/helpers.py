@@ -67,6 +67,17 @@ def make_trainer(tmp_path, max_steps: int, callbacks=(), **kw) -> pl.Trainer:
     return pl.Trainer(**args)
 
 
+class StopAfter(pl.Callback):
+    """Stop the run once ``steps`` optimizer steps are done (keeping ``max_steps``, which the LR schedule reads)."""
+
+    def __init__(self, steps: int):
+        self.steps = steps
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step >= self.steps:
+            trainer.should_stop = True
+
+
 class LossRecorder(pl.Callback):
     """Per-step training losses, and optional stop after a given step."""
 

@@ -17,7 +17,7 @@ from lmlab.models.checkpoint import open_checkpoint
 from lmlab.modules.ppo import KLConfig, PPOConfig, PPODivergenceError, PPOModule, RolloutConfig, SafetyConfig
 from lmlab.modules.reward import RewardModule
 from lmlab.modules.sft import SFTModule
-from helpers import make_trainer
+from helpers import StopAfter, make_trainer
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -269,3 +269,28 @@ def test_checkpoint_keeps_policy_and_value_but_not_frozen_models(ckpts, tmp_path
     fresh.on_load_checkpoint(ckpt)
     fresh.load_state_dict(ckpt["state_dict"], strict=True)
     assert torch.equal(fresh.model.lm_head.weight, module.model.lm_head.weight)
+
+
+def test_resume_reproduces_the_uninterrupted_run(ckpts, tmp_path):
+    per_iteration = 2  # 2 epochs x 1 minibatch of 4 rollouts; 4 prompt batches per data epoch, cut in the middle of one
+    pl.seed_everything(1)
+    full = make_ppo(ckpts)
+    make_trainer(tmp_path / "a", 4 * per_iteration).fit(full, datamodule=prompt_dm(batch_size=4))
+
+    pl.seed_everything(1)
+    first = make_ppo(ckpts)
+    t1 = make_trainer(tmp_path / "b", 4 * per_iteration, [StopAfter(2 * per_iteration)])
+    t1.fit(first, datamodule=prompt_dm(batch_size=4))
+    ckpt = tmp_path / "cut.ckpt"
+    t1.save_checkpoint(ckpt)
+    torch.load(ckpt, weights_only=True)
+
+    pl.seed_everything(999)  # the sampler, the shuffling and the prompt order come from the checkpoint
+    second = make_ppo(ckpts)
+    make_trainer(tmp_path / "c", 4 * per_iteration).fit(second, datamodule=prompt_dm(batch_size=4), ckpt_path=str(ckpt))
+    assert len(full.history) == 4 and len(second.history) == 2
+    for ours, theirs in zip(second.history, full.history[2:]):
+        for key in ("loss/total", "objective/kl", "objective/scores", "objective/entropy", "response/length"):
+            assert abs(ours[key] - theirs[key]) <= 1e-6, (key, ours[key], theirs[key])
+    for a, b in zip(params(second), params(full)):
+        assert torch.equal(a, b)

@@ -22,6 +22,8 @@ _EXPORTS = {
     "SafetyConfig": "lmlab.modules.ppo",
     "DistillModule": "lmlab.modules.distill",
     "OnPolicyConfig": "lmlab.modules.distill",
+    "GRPOModule": "lmlab.modules.grpo",
+    "GRPOConfig": "lmlab.modules.grpo",
 }
 
 __all__ = list(_EXPORTS)

@@ -27,34 +27,28 @@ implementation details followed.
 
 from __future__ import annotations
 
-import copy
-import importlib
 import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Optional, Union
 
 import torch
-from torch import nn
 
 from lmlab.distributed.hooks import offloads_optimizer
 from lmlab.errors import ConfigError
 from lmlab.models.checkpoint import load_backbone_weights, open_checkpoint
 from lmlab.models.config import TransformerConfig
-from lmlab.models.generation import GenerationOutput, generate
 from lmlab.models.heads import CausalLM, ScalarModel
 from lmlab.modules.base import add_up
 from lmlab.modules.data_contract import PromptData
 from lmlab.modules.optim import TrainingSettings, build_optimizer, make_lr_lambda, param_groups
 from lmlab.modules.posttrain_base import PostTrainModuleBase, check_tokenizer_match, read_checkpoint_meta
-from lmlab.modules.reward import score_sequences
+from lmlab.modules.rollout import PolicyRollouts, as_callable, freeze, load_callable, sequence_masks
 from lmlab.modules.rlhf_math import (
     AdaptiveKLController,
     FixedKLController,
     RunningMoments,
-    entropy_from_logits,
     gae,
-    logprobs_from_logits,
     masked_mean,
     masked_whiten,
     per_token_rewards,
@@ -186,37 +180,6 @@ class SafetyConfig:
     coef: float = 1.0
 
 
-# --------------------------------------------------------------------------- loading helpers
-
-
-def load_callable(path: str, field_name: str) -> Callable[..., Any]:
-    """Import ``package.module.name`` (or ``package.module:name``) and return it; ``ConfigError`` if impossible."""
-    module_name, sep, attr = path.partition(":")
-    if not sep:
-        module_name, _, attr = path.rpartition(".")
-    if not module_name or not attr:
-        raise ConfigError(field_name, f"{path!r} is not a dotted path to a function", "use e.g. lmlab.data.posttrain.verifiable.reward")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ConfigError(field_name, f"cannot import {module_name!r}: {err}", "check the dotted path") from None
-    fn = getattr(module, attr, None)
-    if not callable(fn):
-        raise ConfigError(field_name, f"{module_name} has no callable {attr!r}", "check the dotted path")
-    return fn
-
-
-def _as_callable(spec: Any, field_name: str) -> Optional[Callable[..., Any]]:
-    if spec is None or callable(spec):
-        return spec
-    return load_callable(str(spec), field_name)
-
-
-def _freeze(model: nn.Module) -> nn.Module:
-    model.requires_grad_(False)
-    return model.eval()
-
-
 # --------------------------------------------------------------------------- rollout container
 
 
@@ -251,7 +214,7 @@ class Rollout:
 # --------------------------------------------------------------------------- the module
 
 
-class PPOModule(PostTrainModuleBase):
+class PPOModule(PolicyRollouts, PostTrainModuleBase):
     """PPO with a KL penalty to a frozen reference policy (Ouyang et al. 2022; Huang et al. 2024's details).
 
     Networks: the policy (``init_from``: an SFT checkpoint), a frozen copy
@@ -333,31 +296,7 @@ class PPOModule(PostTrainModuleBase):
         if not init_from:
             log.warning("ppo: no model.init_from given; PPO starts from a randomly initialised policy")
 
-        # reference policy: frozen, never updated
-        if ref_model:
-            ref_ckpt = open_checkpoint(ref_model, "model.ref_model")
-            ref = ref_ckpt.causal_lm()
-            self._check_same_vocab(ref.config, "model.ref_model")
-            check_tokenizer_match(self.init_meta.get("tokenizer"), ref_ckpt.tokenizer_info,
-                                  "model.ref_model", f"reference {ref_model}")
-        else:
-            ref = copy.deepcopy(self.model)
-        self.ref_model = _freeze(ref)
-
-        # reward: a frozen reward model or a callable
-        self.reward_model_path = reward_model
-        self.reward_meta: dict[str, Any] = {}
-        if reward_model:
-            reward_ckpt = open_checkpoint(reward_model, "model.reward_model")
-            self.reward_model = _freeze(reward_ckpt.scalar_model())
-            self._check_same_vocab(self.reward_model.config, "model.reward_model")
-            self.reward_meta = read_checkpoint_meta(reward_ckpt)
-            check_tokenizer_match(self.init_meta.get("tokenizer"), self.reward_meta.get("tokenizer"),
-                                  "model.reward_model", f"reward model {reward_model}")
-        else:
-            self.reward_model = None
-        self.reward_fn = _as_callable(reward_fn, "model.reward_fn")
-        self.reward_fn_kwargs = dict(reward_fn_kwargs or {})
+        reward_ckpt = self.setup_rollouts(reward_model, reward_fn, reward_fn_kwargs, ref_model)
 
         # value model: backbone from the reward model or the policy, zero-initialised head
         value_init = value_init or ("reward" if reward_model else "policy")
@@ -375,25 +314,22 @@ class PPOModule(PostTrainModuleBase):
         self.safety_meta: dict[str, Any] = {}
         if self.safety_cfg.model:
             safety_ckpt = open_checkpoint(self.safety_cfg.model, "model.safety.model")
-            self.safety_model = _freeze(safety_ckpt.scalar_model())
+            self.safety_model = freeze(safety_ckpt.scalar_model())
             self._check_same_vocab(self.safety_model.config, "model.safety.model")
             self.safety_meta = read_checkpoint_meta(safety_ckpt)
             check_tokenizer_match(self.init_meta.get("tokenizer"), self.safety_meta.get("tokenizer"),
                                   "model.safety.model", f"safety model {self.safety_cfg.model}")
         if self.safety_cfg.fn:
-            self.safety_fn = _as_callable(self.safety_cfg.fn, "model.safety.fn")
+            self.safety_fn = as_callable(self.safety_cfg.fn, "model.safety.fn")
 
         kc = self.kl_cfg
         self.kl_ctl = AdaptiveKLController(kc.coef, kc.target, kc.horizon) if kc.adaptive else FixedKLController(kc.coef)
         self.score_moments = RunningMoments()
         self.ref_score_stats: Optional[tuple[float, float]] = None
-        self.stop_ids: list[int] = []
         self.rollout_batch_size: Optional[int] = None
         self.history: list[dict[str, float]] = []
         self.minibatch_stats: list[dict[str, float]] = []
         self.stopped_reason: Optional[str] = None
-        self._val_rows: list[torch.Tensor] = []
-        self._generator: Optional[torch.Generator] = None
         self._shuffle = torch.Generator().manual_seed(seed)
         if self.config.dropout > 0:
             log.info("ppo: dropout %.2f is disabled: every network runs in eval mode", self.config.dropout)
@@ -433,31 +369,15 @@ class PPOModule(PostTrainModuleBase):
         if self.val_temperature < 0:
             raise ConfigError("model.val_temperature", f"must be >= 0, got {self.val_temperature}")
 
-    def _check_same_vocab(self, other: TransformerConfig, field_name: str) -> None:
-        if other.vocab_size != self.config.vocab_size:
-            raise ConfigError(field_name, f"vocab_size {other.vocab_size} differs from the policy's {self.config.vocab_size} "
-                              "(a different tokenizer)", "train it with the policy's tokenizer")
-
     def build_model(self) -> CausalLM:
         return CausalLM(self.config)
 
     def attach_data(self, dm: PromptData) -> None:
         super().attach_data(dm)
-        check_tokenizer_match(self.tokenizer_info, self.reward_meta.get("tokenizer"), "model.reward_model",
-                              f"reward model {self.reward_model_path}")
         check_tokenizer_match(self.tokenizer_info, self.safety_meta.get("tokenizer"), "model.safety.model",
                               f"safety model {self.safety_cfg.model}")
-        self.stop_ids = list(dm.stop_ids)
+        self.attach_prompts(dm)
         self.rollout_batch_size = dm.batch_size
-        longest = dm.longest_prompt
-        if longest + self.rollout_cfg.max_new_tokens > self.config.max_seq_len:
-            raise ConfigError("model.rollout.max_new_tokens",
-                              f"the longest prompt ({longest} tokens) plus {self.rollout_cfg.max_new_tokens} new tokens "
-                              f"exceeds model.config.max_seq_len={self.config.max_seq_len}",
-                              "lower data.max_prompt_tokens or rollout.max_new_tokens")
-        needs_text = self.reward_fn is not None or self.safety_fn is not None
-        if needs_text and self.tokenizer is None:
-            raise ConfigError("data.tokenizer", "a reward function needs the tokenizer to decode responses", "use a prompt DataModule")
 
     # -- optimisation -----------------------------------------------------------------------------
     def configure_optimizers(self):
@@ -480,51 +400,10 @@ class PPOModule(PostTrainModuleBase):
         return [*self.model.parameters(), *self.value_model.parameters()]
 
     # -- rollout ------------------------------------------------------------------------------------
-    def _sampler(self) -> torch.Generator:
-        if self._generator is None or self._generator.device != self.device:
-            rank = self.trainer.global_rank if self._trainer is not None else 0
-            self._generator = torch.Generator(device=self.device).manual_seed(self.seed + 1_000_003 * rank)
-        return self._generator
-
-    def response_logprobs(self, model: nn.Module, sequences, attention_mask, position_ids, responses, prompt_width: int,
-                          temperature: float, with_entropy: bool = False):
-        """Temperature-scaled log-probs of the response tokens (and per-token entropy) under ``model``."""
-        logits = model(sequences, position_ids=position_ids, attention_mask=attention_mask)
-        logits = logits[:, prompt_width - 1 : -1, : self.config.vocab_size]
-        lp = logprobs_from_logits(logits, responses, temperature, ignore_index=None)
-        if not with_entropy:
-            return lp, None
-        return lp, entropy_from_logits(logits.float() / temperature)
-
     def values_of(self, model: ScalarModel, sequences, attention_mask, position_ids, prompt_width: int) -> torch.Tensor:
         """Value estimates V(s_t) for the state before each response token."""
         v = model(sequences, position_ids=position_ids, attention_mask=attention_mask)
         return v[:, prompt_width - 1 : -1].float()
-
-    def _texts(self, ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
-        return [self.tokenizer.decode(row[m.bool()].tolist(), skip_special_tokens=False) for row, m in zip(ids, mask)]
-
-    def _call_text_fn(self, fn, kwargs, prompts: list[str], responses: list[str]) -> torch.Tensor:
-        vals = [float(fn(p, r, **kwargs)) for p, r in zip(prompts, responses)]
-        return torch.tensor(vals, dtype=torch.float32, device=self.device)
-
-    @torch.no_grad()
-    def raw_scores(self, gen: GenerationOutput, attention_mask, position_ids) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Reward (and safety score) of each finished rollout, before normalisation and penalties."""
-        texts = None
-        if self.reward_fn is not None or self.safety_fn is not None:
-            texts = (self._texts(gen.sequences[:, : gen.prompt_mask.shape[1]], gen.prompt_mask),
-                     self._texts(gen.responses, gen.response_mask))
-        if self.reward_model is not None:
-            scores = score_sequences(self.reward_model, gen.sequences, attention_mask, position_ids).float()
-        else:
-            scores = self._call_text_fn(self.reward_fn, self.reward_fn_kwargs, *texts)
-        safety = None
-        if self.safety_model is not None:
-            safety = score_sequences(self.safety_model, gen.sequences, attention_mask, position_ids).float()
-        elif self.safety_fn is not None:
-            safety = self._call_text_fn(self.safety_fn, self.safety_cfg.fn_kwargs, *texts)
-        return scores, safety
 
     def shape_scores(self, raw: torch.Tensor, finished: torch.Tensor, safety: Optional[torch.Tensor]) -> torch.Tensor:
         """Normalise, penalise missing EOS, clip and apply the safety constraint."""
@@ -554,14 +433,9 @@ class PPOModule(PostTrainModuleBase):
     def make_rollout(self, batch: dict) -> Rollout:
         """Sample, recompute log-probs and values with full forward passes, and score."""
         r = self.rollout_cfg
-        gen = generate(
-            self.model, batch["input_ids"], batch["attention_mask"], max_new_tokens=r.max_new_tokens,
-            temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, stop_token_ids=self.stop_ids,
-            pad_id=self.pad_id, generator=self._sampler(),
-        )
+        gen = self.sample(batch["input_ids"], batch["attention_mask"])
         P = batch["input_ids"].shape[1]
-        mask = torch.cat([gen.prompt_mask.long(), gen.response_mask.long()], dim=1)
-        pos = (mask.cumsum(1) - 1).clamp(min=0)
+        mask, pos = sequence_masks(gen)
         rmask = gen.response_mask.bool()
         lp, ent = self.response_logprobs(self.model, gen.sequences, mask, pos, gen.responses, P, r.temperature, with_entropy=True)
         ref_lp, _ = self.response_logprobs(self.ref_model, gen.sequences, mask, pos, gen.responses, P, r.temperature)
@@ -691,42 +565,6 @@ class PPOModule(PostTrainModuleBase):
             ("val/clipfrac", vstats["vf_clipfrac"]), ("val/error", vstats["value_error"]))}
         return loss * weight, stats
 
-    # -- validation: held-out prompts -----------------------------------------------------------------
-    def on_validation_epoch_start(self) -> None:
-        self._val_rows = []
-
-    @torch.no_grad()
-    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_mode()
-        r = self.rollout_cfg
-        temperature = self.val_temperature
-        gen = generate(self.model, batch["input_ids"], batch["attention_mask"], max_new_tokens=r.max_new_tokens,
-                       temperature=temperature, top_k=r.top_k if temperature > 0 else 0, top_p=r.top_p if temperature > 0 else 1.0,
-                       stop_token_ids=self.stop_ids, pad_id=self.pad_id,
-                       generator=torch.Generator(device=self.device).manual_seed(self.seed + batch_idx))
-        mask = torch.cat([gen.prompt_mask.long(), gen.response_mask.long()], dim=1)
-        pos = (mask.cumsum(1) - 1).clamp(min=0)
-        raw, _ = self.raw_scores(gen, mask, pos)
-        rows = [raw, gen.response_mask.sum(1).float(), gen.finished.float()]
-        if temperature > 0:
-            P = batch["input_ids"].shape[1]
-            lp, _ = self.response_logprobs(self.model, gen.sequences, mask, pos, gen.responses, P, temperature)
-            ref, _ = self.response_logprobs(self.ref_model, gen.sequences, mask, pos, gen.responses, P, temperature)
-            rows.append((lp - ref).masked_fill(~gen.response_mask.bool(), 0).sum(1))
-        self._val_rows.append(torch.stack(rows, dim=1))
-
-    def on_validation_epoch_end(self) -> None:
-        if not self._val_rows:
-            return
-        rows = torch.cat(self._val_rows)
-        if self.trainer.world_size > 1:
-            rows = self.trainer.strategy.all_gather(rows).reshape(-1, rows.shape[1])
-        means = rows.mean(0).tolist()
-        out = {"eval/score": means[0], "eval/length": means[1], "eval/eos_rate": means[2]}
-        if len(means) > 3:
-            out["eval/kl"] = means[3]
-        self.record_validation(out)
-
     # -- checkpoint state ---------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
@@ -735,6 +573,8 @@ class PPOModule(PostTrainModuleBase):
             "score_moments": self.score_moments.state_dict(),
             "ref_score_stats": list(self.ref_score_stats) if self.ref_score_stats else None,
             "value_init": self.value_init,
+            "sampler_state": self.sampler_state(),
+            "shuffle_state": self._shuffle.get_state(),
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -744,3 +584,6 @@ class PPOModule(PostTrainModuleBase):
             self.kl_ctl.value = float(state["kl_coef"])
             self.score_moments.load_state_dict(state["score_moments"])
             self.ref_score_stats = tuple(state["ref_score_stats"]) if state.get("ref_score_stats") else None
+            if "shuffle_state" in state:  # checkpoints from before these were saved resume with fresh streams
+                self.restore_sampler(state.get("sampler_state"))
+                self._shuffle.set_state(state["shuffle_state"])

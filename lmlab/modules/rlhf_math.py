@@ -47,6 +47,10 @@ __all__ = [
     "per_token_rewards",
     "ppo_policy_loss",
     "ppo_value_loss",
+    "group_advantages",
+    "grpo_token_loss",
+    "grpo_loss",
+    "GRPO_LOSS_TYPES",
     "entropy_from_logits",
     "logprobs_from_logits",
     "FixedKLController",
@@ -304,6 +308,112 @@ def ppo_value_loss(
             "value_error": masked_mean(err, m),
         }
     return loss, stats
+
+
+# --------------------------------------------------------------------------- GRPO
+
+#: how :func:`grpo_loss` aggregates per-token losses (TRL's ``loss_type`` names)
+GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo")
+
+
+def group_advantages(
+    rewards: torch.Tensor, group_size: int, scale_rewards: bool = True, eps: float = 1e-4
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Group-relative advantages of ``rewards`` (shape ``(N * G,)``, each prompt's ``G`` completions adjacent).
+
+    ``A_i = r_i - mean(group)``, divided by ``std(group) + eps`` when
+    ``scale_rewards`` (GRPO; the std is the unbiased one) and left unscaled
+    otherwise (Dr. GRPO: scaling favours prompts whose answers barely differ).
+    Returns ``(advantages, group mean, group std)``, the last two repeated per completion.
+    """
+    if group_size < 2:
+        raise ConfigError("num_generations", f"a group needs at least 2 completions, got {group_size}",
+                          "sample 2 or more completions per prompt")
+    if rewards.dim() != 1 or rewards.numel() % group_size:
+        raise ValueError(f"rewards of shape {tuple(rewards.shape)} do not split into groups of {group_size}")
+    grouped = rewards.view(-1, group_size)
+    mean = grouped.mean(dim=1).repeat_interleave(group_size)
+    std = grouped.std(dim=1).repeat_interleave(group_size)
+    adv = rewards - mean
+    if scale_rewards:
+        adv = adv / (std + eps)
+    return adv, mean, std
+
+
+def grpo_token_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    ref_logprobs: torch.Tensor | None = None,
+    beta: float = 0.0,
+    epsilon: float = 0.2,
+    epsilon_high: float | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-token GRPO loss ``-min(r A, clip(r, 1 - eps, 1 + eps_high) A) + beta * k3``, shape ``(B, T)``.
+
+    ``r = exp(logp - logp_old)``; ``advantages`` is one number per sequence
+    ``(B,)``; ``k3 = exp(logp_ref - logp) - (logp_ref - logp) - 1`` is
+    Schulman's estimator of KL(policy || reference), added only when
+    ``beta != 0``. Returns the loss and per-token tensors (detached):
+    ``kl`` (when ``beta != 0``), ``ratio``, and the masks ``low_clipped``
+    (``r < 1 - eps`` with ``A < 0``) and ``high_clipped`` (``r > 1 + eps_high`` with ``A > 0``).
+    """
+    if epsilon <= 0:
+        raise ConfigError("epsilon", f"must be > 0, got {epsilon}", "use e.g. 0.2")
+    eps_high = epsilon if epsilon_high is None else epsilon_high
+    if eps_high <= 0:
+        raise ConfigError("epsilon_high", f"must be > 0, got {eps_high}", "use e.g. 0.28, or leave it unset")
+    adv = advantages.unsqueeze(1).to(logprobs.dtype)
+    ratio = torch.exp(logprobs - old_logprobs)
+    clipped = torch.clamp(ratio, 1.0 - epsilon, 1.0 + eps_high)
+    loss = -torch.min(ratio * adv, clipped * adv)
+    stats: dict[str, torch.Tensor] = {}
+    if beta != 0.0:
+        if ref_logprobs is None:
+            raise ValueError("beta != 0 needs the reference log-probs")
+        delta = ref_logprobs - logprobs
+        kl = torch.exp(delta) - delta - 1.0
+        loss = loss + beta * kl
+        stats["kl"] = kl.detach()
+    with torch.no_grad():
+        stats["ratio"] = ratio.detach()
+        stats["low_clipped"] = (ratio < 1.0 - epsilon) & (adv < 0)
+        stats["high_clipped"] = (ratio > 1.0 + eps_high) & (adv > 0)
+    return loss, stats
+
+
+def grpo_loss(
+    per_token_loss: torch.Tensor,
+    mask: torch.Tensor,
+    loss_type: str,
+    max_completion_length: int,
+    num_sequences: int | None = None,
+    num_tokens: int | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Aggregate per-token GRPO losses into the batch loss (TRL's ``loss_type`` definitions).
+
+    * ``grpo``: mean over each sequence's tokens, then over the sequences
+      (DeepSeekMath; longer sequences weigh less per token);
+    * ``bnpo``: mean over every valid token of the batch;
+    * ``dr_grpo``: sum over every valid token, divided by
+      ``num_sequences * max_completion_length`` (Dr. GRPO: no length bias).
+
+    When a batch is split into micro-batches, pass the whole batch's
+    ``num_sequences`` (and ``num_tokens`` for ``bnpo``): each micro-batch then
+    returns its share, and the shares add up to the batch loss.
+    """
+    m = _bool_mask(per_token_loss, mask)
+    n_seq = per_token_loss.shape[0] if num_sequences is None else num_sequences
+    if loss_type == "grpo":
+        per_seq = masked_sum(per_token_loss, m, dim=1) / m.sum(dim=1).clamp(min=1).to(per_token_loss.dtype)
+        return per_seq.sum() / n_seq
+    if loss_type == "bnpo":
+        n_tok = m.sum() if num_tokens is None else num_tokens
+        n_tok = torch.as_tensor(n_tok, device=per_token_loss.device).clamp(min=1).to(per_token_loss.dtype)
+        return masked_sum(per_token_loss, m) / n_tok
+    if loss_type == "dr_grpo":
+        return masked_sum(per_token_loss, m) / (n_seq * max_completion_length)
+    raise ConfigError("loss_type", f"unknown loss type {loss_type!r}", "use one of " + ", ".join(GRPO_LOSS_TYPES))
 
 
 # --------------------------------------------------------------------------- logits

@@ -28,7 +28,7 @@ from typing import Any, Literal, Optional, Sequence
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
 
 from lmlab.data.posttrain.chat import IGNORE_INDEX, stop_token_ids
 from lmlab.data.posttrain.records import (
@@ -176,6 +176,49 @@ class ListDataset(Dataset):
 
     def __getitem__(self, i: int) -> Any:
         return self.items[i]
+
+
+class ResumedSampler(Sampler[int]):
+    """A seeded ``RandomSampler`` continued after ``batches`` batches of ``batch_size`` (a resumed run).
+
+    The first pass replays the draws of the epochs already finished and skips
+    the samples already trained on in the current one, so a run resumed from a
+    checkpoint sees the batches the uninterrupted run would have; later passes
+    are the plain sampler's. (A checkpoint written by a stop at an epoch's very
+    last batch is not continued exactly: Lightning then restarts the next epoch
+    with the finished epoch's batch count.)
+    """
+
+    def __init__(self, sampler: RandomSampler, batches: int, batch_size: int, batches_per_epoch: int, drop_last: bool):
+        self.sampler = sampler
+        self._skip: Optional[tuple[int, int]] = None
+        if batches > 0 and batches_per_epoch > 0:
+            self._skip = (batches // batches_per_epoch, (batches % batches_per_epoch) * batch_size)
+        # the trainer stops after an epoch's last batch; the sampler only runs past its first
+        # permutation (drawing a second) when a partial last batch has to be completed
+        self._exhausted_each_epoch = not drop_last and len(sampler) % batch_size != 0
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self):
+        if self._skip is None:
+            yield from self.sampler
+            return
+        epochs, samples = self._skip
+        self._skip = None
+        for _ in range(epochs):
+            finished = iter(self.sampler)
+            next(finished, None)  # draws the epoch's permutation
+            if self._exhausted_each_epoch:
+                for _ in finished:
+                    pass
+            # each epoch's DataLoader iterator also draws its workers' base seed from the generator
+            torch.empty((), dtype=torch.int64).random_(generator=self.sampler.generator)
+        order = iter(self.sampler)
+        for _ in range(samples):
+            next(order, None)
+        yield from order
 
 
 @dataclass
@@ -328,12 +371,24 @@ class _PostTrainDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         self.setup()
         generator = torch.Generator().manual_seed(self.seed)
+        drop_last = len(self.train_examples) >= self.batch_size
+        dataset = ListDataset(self.train_examples)
+        resumed = getattr(self, "_resume_batches", 0)
+        trainer = getattr(self, "trainer", None)
+        # under several processes Lightning swaps in a DistributedSampler with its own order; only one process continues exactly
+        if resumed and (trainer is None or trainer.world_size == 1):
+            n = len(dataset)
+            per_epoch = n // self.batch_size if drop_last else -(-n // self.batch_size)
+            sampler = ResumedSampler(RandomSampler(dataset, generator=generator), resumed, self.batch_size, per_epoch, drop_last)
+            self._resume_batches = 0
+            return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, generator=generator, drop_last=drop_last,
+                              collate_fn=self._collate(), num_workers=self.num_workers)
         return DataLoader(
-            ListDataset(self.train_examples),
+            dataset,
             batch_size=self.batch_size,
             shuffle=True,
             generator=generator,
-            drop_last=len(self.train_examples) >= self.batch_size,
+            drop_last=drop_last,
             collate_fn=self._collate(),
             num_workers=self.num_workers,
         )
@@ -349,7 +404,16 @@ class _PostTrainDataModule(pl.LightningDataModule):
         return self.val_dataloader()
 
     def state_dict(self) -> dict:
-        return {"seed": int(self.seed)}
+        state = {"seed": int(self.seed)}
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            # training batches run so far: a resumed run continues the shuffled order after them
+            state["batches"] = int(trainer.fit_loop.epoch_loop.batch_progress.total.processed)
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        if int(state.get("seed", self.seed)) == self.seed:
+            self._resume_batches = int(state.get("batches", 0))
 
 
 # --------------------------------------------------------------------------- SFT

@@ -145,6 +145,8 @@ def load_records(
         if path.is_file():
             if builder is None:
                 raise ConfigError("source", f"cannot tell the format of {path}", "use a .jsonl, .json, .parquet or .csv file")
+            if path.stat().st_size == 0:  # the datasets loader would fail with a bare StopIteration
+                raise ConfigError("source", f"{path} is empty (no records)", "point it at a file with records")
             ds = datasets.load_dataset(builder, data_files=str(path), split="train")
         elif path.is_dir():
             ds = datasets.load_dataset(str(path), name=name, split=split)
