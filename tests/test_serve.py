@@ -325,6 +325,45 @@ def test_engine_continuous_batching_matches_unbatched_generate(tmp_path_factory)
     assert any(d < 0 for d in shifts) and any(d > 0 for d in shifts)
 
 
+def test_streamed_text_decoded_in_windows_equals_the_full_decode(model_dir):
+    """The engine decodes a few tokens per step, not the whole sequence; what it streams must still add up to
+    the full decode, also for byte tokens that leave UTF-8 characters incomplete (and for stop strings)."""
+    from lmlab.models.checkpoint import open_checkpoint
+    from lmlab.serving.engine import Engine
+    from lmlab.serving.prompts import Prompter
+
+    ck = open_checkpoint(model_dir)
+    tok = ck.tokenizer()
+    engine = Engine(ck.causal_lm(), tok, max_batch=1)
+    assert engine.incremental
+    # byte-level BPE: ids of single bytes, among them lead and continuation bytes of multi-byte characters
+    byte_ids = [i for i in range(len(tok)) if len(tok.convert_ids_to_tokens(i)) == 1]
+    rng = np.random.default_rng(0)
+    windowed = 0
+    for trial in range(40):
+        ids = rng.choice(byte_ids + list(range(len(tok) - 60, len(tok))), size=int(rng.integers(1, 60))).tolist()
+        stop = [] if trial % 2 else [tok.decode(ids[3:5], skip_special_tokens=True)[:2]]
+        deltas, states = [], []
+        r = GenerationRequest([0], SamplingParams(max_tokens=len(ids), stop=[s for s in stop if s.strip("\ufffd")]),
+                              on_event=lambda req, d: d is not None and deltas.append(d))
+        for t in ids:
+            if r.done:
+                break
+            engine._accept(r, t)
+            states.append(r.text)
+        full = tok.decode(r.token_ids, skip_special_tokens=True)
+        if r.params.stop and r.finish_reason == "stop":
+            full = full[: full.find(r.params.stop[0])]
+        assert "".join(deltas) == r.text == full, trial
+        # every state is a prefix of the final text; without stop strings (whose first characters are held
+        # back) a partial character at the end is never sent before the end
+        assert all(full.startswith(t) and (r.params.stop or not t.endswith("\ufffd")) for t in states[:-1]), trial
+        windowed += r._read > 0
+    assert windowed > 30  # the window path ran (not a full decode every token)
+    # completions stop where an HF export's generation_config says generation ends: EOS and <|end|>
+    assert Prompter(tok).stop_ids(False) == [tok.eos_token_id, tok.convert_tokens_to_ids("<|end|>")]
+
+
 def test_export_gguf_reads_back_with_ggufs_reader(model_dir, tmp_path):
     """No llama.cpp here: the file is read back with the gguf package's reader and every tensor compared."""
     gguf = pytest.importorskip("gguf", reason="the gguf package is not installed")

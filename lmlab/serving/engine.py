@@ -86,6 +86,10 @@ class GenerationRequest:
     _pos: int = 0
     _start: int = 0
     _last: int = 0
+    # incremental detokenization: text of token_ids[:_read], and where the window decoded each step begins
+    _decoded: str = ""
+    _prefix: int = 0
+    _read: int = 0
 
     def cancel(self) -> None:
         """Ask the engine to drop this sequence before its next step (e.g. the client disconnected)."""
@@ -127,6 +131,8 @@ class Engine:
         self.rows: list[GenerationRequest] = []
         self.waiting: deque[GenerationRequest] = deque()
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        # a tokenizer that cleans up spaces (" ." -> ".") can decode a window differently from the whole text
+        self.incremental = not getattr(tokenizer, "clean_up_tokenization_spaces", False)
         self._lock = threading.Condition()
         self._thread: Optional[threading.Thread] = None
         self._stopping = False
@@ -195,7 +201,7 @@ class Engine:
                 self.mask.zero_()
 
     # -- one scheduler iteration ---------------------------------------------------------------------
-    @torch.no_grad()
+    @torch.inference_mode()
     def step(self) -> None:
         """Drop finished rows, admit waiting requests, then decode one token for every row."""
         self._retire()
@@ -204,11 +210,13 @@ class Engine:
         if not self.rows:
             return
         n, L = len(self.rows), self.length
+        # columns left of the earliest row start are padding for every row: attention skips them
+        floor = min(r._start for r in self.rows)
         tokens = torch.tensor([[r._last] for r in self.rows], device=self.device)
         positions = torch.tensor([[r._pos] for r in self.rows], device=self.device)
         self.mask[:n, L] = 1
-        view = KVCache([k[:n] for k in self.cache.keys], [v[:n] for v in self.cache.values], L)
-        logits = self.model(tokens, position_ids=positions, attention_mask=self.mask[:n, : L + 1], cache=view)[:, -1]
+        view = KVCache([k[:n, :, floor:] for k in self.cache.keys], [v[:n, :, floor:] for v in self.cache.values], L - floor)
+        logits = self.model(tokens, position_ids=positions, attention_mask=self.mask[:n, floor : L + 1], cache=view)[:, -1]
         self.length = L + 1
         self.steps += 1
         tokens = self._sample_rows(self.rows, logits)
@@ -236,16 +244,18 @@ class Engine:
         r._last = token
         if token in r.stop_ids:
             r.finish_reason = "stop"
-            ids = r.token_ids[:-1]
+        elif len(r.token_ids) >= r.params.max_tokens:
+            r.finish_reason = "length"
+        n = len(r.token_ids) - (r.finish_reason == "stop")
+        if r.finish_reason is not None or not self.incremental:
+            # the final text is the decode of all generated tokens, whatever the windows gave
+            full = self.tokenizer.decode(r.token_ids[:n], skip_special_tokens=True)
         else:
-            ids = r.token_ids
-        full = self.tokenizer.decode(ids, skip_special_tokens=True)
+            full = self._decode_window(r, n)
         for s in r.params.stop:
             cut = full.find(s, max(0, len(r.text) - len(s)))
             if s and cut >= 0:
                 full, r.finish_reason = full[:cut], "stop"
-        if r.finish_reason is None and len(r.token_ids) >= r.params.max_tokens:
-            r.finish_reason = "length"
         if r.finish_reason is None:
             # hold back an incomplete UTF-8 character and anything that may begin a stop string
             full = full.rstrip("\ufffd")
@@ -256,6 +266,19 @@ class Engine:
             self._emit(r, delta)
         if r.finish_reason is not None:
             self._emit(r, None)
+
+    def _decode_window(self, r: GenerationRequest, n: int) -> str:
+        """The text of ``r.token_ids[:n]`` decoded a few tokens at a time (a full decode every token costs
+        time quadratic in the length); the window restarts on the last token boundary that ended on a whole
+        character, and its first tokens are decoded twice so a tokenizer's leading-space rule cancels out."""
+        ids = r.token_ids
+        decode = self.tokenizer.decode
+        before = decode(ids[r._prefix : r._read], skip_special_tokens=True) if r._read > r._prefix else ""
+        now = decode(ids[r._prefix : n], skip_special_tokens=True)
+        if len(now) > len(before) and not now.endswith("\ufffd"):
+            r._decoded += now[len(before):]
+            r._prefix, r._read = r._read, n
+        return r._decoded
 
     def _emit(self, r: GenerationRequest, delta: Optional[str]) -> None:
         if delta is None:

@@ -51,13 +51,18 @@ class Prompter:
         return list(self.tokenizer(text)["input_ids"])
 
     def stop_ids(self, chat: bool) -> list[int]:
-        """Chat replies end at the end-of-turn token (and EOS); completions at EOS."""
+        """Chat replies end at the end-of-turn token (and EOS); completions at EOS, and at lmlab's end-of-turn
+        token where the vocabulary has one: an HF export lists both as ``eos_token_id`` in its
+        ``generation_config.json``, so transformers stops there too."""
         if chat and self.lmlab_template:
             from lmlab.data.posttrain.chat import stop_token_ids
 
             return stop_token_ids(self.tokenizer)
+        from lmlab.data.posttrain.chat import END
+
         eos = self.tokenizer.eos_token_id
-        return [int(eos)] if eos is not None else []
+        end = self.tokenizer.convert_tokens_to_ids(END) if END in self.tokenizer.get_vocab() else None
+        return [int(i) for i in dict.fromkeys((eos, end)) if i is not None]
 
 
 def load_model(ckpt: str, tokenizer: Optional[str] = None, device: Optional[str] = None,
