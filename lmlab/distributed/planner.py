@@ -301,7 +301,7 @@ def suggest(inp: PlanInput, limit: int = 5) -> list[dict]:
     if inp.strategy == "fsdp2" or inp.strategy in ("ddp", "fsdp", "single") and inp.world_size > 1:
         for tp in (2, 4, 8):
             if tp > inp.tp and inp.world_size % tp == 0 and inp.config.kv_heads % tp == 0 and inp.config.n_heads % tp == 0 \
-                    and inp.config.hidden_dim % tp == 0:
+                    and inp.config.hidden_dim % tp == 0 and not inp.config.moe_experts:
                 candidates.append((f"tensor parallel {tp} (strategy fsdp2, experiments/strategies/fsdp2_tp.yaml)",
                                    {"strategy": "fsdp2", "tp": tp}))
     out: list[dict] = []
