@@ -14,8 +14,8 @@ A :class:`MoEFeedForward` replaces the dense MLP of the blocks that
 
 The expert computation groups the (token, expert) assignments by expert with
 one stable sort and runs two grouped matmuls over stacked expert weights
-(``torch._grouped_mm`` on CPU and on bf16 Hopper GPUs, a padded ``bmm``
-elsewhere), so there is no per-token or per-expert Python loop; stacked
+(``torch._grouped_mm`` on bf16 Hopper GPUs; elsewhere, CPU included, one
+padded buffer and two ``bmm``), so there is no per-token or per-expert Python loop; stacked
 weights also mean every expert owns a gradient (zeros when it got no token),
 which keeps DDP's reducer and FSDP2's sharding on their ordinary paths.
 
@@ -60,30 +60,54 @@ def moe_layers(config) -> list[int]:
 
 
 def _grouped_mm_works(x: torch.Tensor) -> bool:
-    if not hasattr(torch, "_grouped_mm"):
-        return False
-    if x.device.type == "cpu":
-        return True
-    return x.device.type == "cuda" and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
+    # torch._grouped_mm runs on CPU in torch 2.13 but loops over groups internally: measured 2.3x slower
+    # than one padded bmm there (benchmarks/moe_step.py), so it is used only on Hopper GPUs in bf16
+    return (hasattr(torch, "_grouped_mm") and x.device.type == "cuda" and x.dtype == torch.bfloat16
+            and torch.cuda.get_device_capability(x.device)[0] >= 9)
 
 
-def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """``x[rows of group i] @ w[i]`` for rows sorted by group; ``counts[i]`` rows per group.
+class _TakeRows(torch.autograd.Function):
+    """``src[index]`` for an index without repeats (except rows whose gradient is discarded).
 
-    x: (M, a), w: (E, a, b), counts: (E,) summing to M. Returns (M, b).
+    Its backward writes the gradient rows back with ``index_copy`` instead of the
+    ``scatter_add`` that ``index_select`` uses, which is several times slower on CPU.
     """
+
+    @staticmethod
+    def forward(ctx, src: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(index)
+        ctx.rows = src.shape[0]
+        return src.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (index,) = ctx.saved_tensors
+        return grad.new_zeros(ctx.rows, grad.shape[1]).index_copy(0, index, grad), None
+
+
+def expert_swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, counts: torch.Tensor,
+                  place: torch.Tensor, width: int) -> torch.Tensor:
+    """``down_i(silu(gate_i x) * up_i x)`` of every (token, slot) assignment, in assignment order.
+
+    x: (A, d), one row per assignment (token-major); gate_up: (E, d, 2h); down:
+    (E, h, d); ``place[a]`` is the row of assignment a in the expert-major
+    (E, width) layout (``E * width`` for a dropped assignment, whose output is
+    zero); ``counts[i]`` assignments go to expert i. Two grouped matmuls
+    (``torch._grouped_mm``) where they are fast, else two batched matmuls over
+    the (E, width, d) buffer.
+    """
+    E, d = gate_up.shape[0], x.shape[1]
     if _grouped_mm_works(x):
         offs = torch.cumsum(counts, 0).to(torch.int32)
-        return torch._grouped_mm(x, w, offs=offs)
-    # padded batched matmul: one (E, max_count, a) buffer, no per-expert loop
-    E = w.shape[0]
-    starts = torch.cumsum(counts, 0) - counts
-    group = torch.repeat_interleave(torch.arange(E, device=x.device), counts, output_size=x.shape[0])
-    slot = torch.arange(x.shape[0], device=x.device) - starts[group]
-    width = int(counts.max()) if x.shape[0] else 0
-    padded = x.new_zeros(E, max(width, 1), x.shape[1])
-    padded[group, slot] = x
-    return torch.bmm(padded, w)[group, slot]
+        order = torch.argsort(place)[: int(counts.sum())]
+        xs = x.index_select(0, order)
+        gate, up = torch._grouped_mm(xs, gate_up, offs=offs).chunk(2, dim=-1)
+        ys = torch._grouped_mm(F.silu(gate) * up, down, offs=offs)
+        return x.new_zeros(x.shape).index_copy(0, order, ys)
+    buf = x.new_zeros(E * width + 1, d).index_copy(0, place, x)[:-1]  # the last row takes dropped assignments
+    gate, up = torch.bmm(buf.view(E, width, d), gate_up).chunk(2, dim=-1)
+    y = torch.bmm(F.silu(gate) * up, down).view(E * width, d)
+    return _TakeRows.apply(torch.cat([y, y.new_zeros(1, d)]), place)
 
 
 class MoEFeedForward(nn.Module):
@@ -140,20 +164,21 @@ class MoEFeedForward(nn.Module):
         flat = experts.reshape(-1)  # assignment a = token * k + slot
         order = torch.argsort(flat, stable=True)  # assignments grouped by expert, token order inside a group
         counts = torch.bincount(flat, minlength=E)
+        starts = torch.cumsum(counts, 0) - counts
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(order.numel(), device=x.device)
+        rank = rank - starts[flat]  # position of each assignment in its expert's queue
         kept = counts
         if self.capacity_factor is not None and self.training:
             capacity = math.ceil(self.capacity_factor * N * k / E)
-            starts = torch.cumsum(counts, 0) - counts
-            rank = torch.arange(order.numel(), device=x.device) - starts[flat[order]]
-            order = order[rank < capacity]
             kept = counts.clamp(max=capacity)
-        h = grouped_matmul(x[order // k], self.gate_up, kept)
-        gate, up = h.chunk(2, dim=-1)
-        y = grouped_matmul(F.silu(gate) * up, self.down, kept)
-        # back to (token, slot) places: each index is written once, so the sum below is deterministic
-        slots = y.new_zeros(N * k, y.shape[-1])
-        slots[order] = y
-        out = (slots.view(N, k, -1) * weights.unsqueeze(-1)).sum(dim=1)
+            width = min(capacity, max(int(counts.max()), 1))
+        else:
+            width = max(int(counts.max()), 1) if N else 1
+        place = torch.where(rank < width, flat * width + rank, torch.full_like(rank, E * width))
+        tokens = x.unsqueeze(1).expand(N, k, x.shape[-1]).reshape(N * k, -1)
+        y = expert_swiglu(tokens, self.gate_up, self.down, kept, place, width)
+        out = (y.view(N, k, -1) * weights.unsqueeze(-1)).sum(dim=1)
         if self.shared_fc is not None:
             s_gate, s_up = self.shared_fc(x).chunk(2, dim=-1)
             out = out + torch.sigmoid(self.shared_gate(x)) * self.shared_proj(F.silu(s_gate) * s_up)
