@@ -311,3 +311,29 @@ def test_sft_and_dpo_train_an_moe_backbone_and_log_expert_load(tmp_path):
     trainer.fit(dpo, datamodule=pdm)
     m = trainer.callback_metrics
     assert torch.isfinite(torch.as_tensor(m["train/loss"])) and "moe/load_entropy" in m
+
+
+def test_run_summary_records_active_and_total_parameters(tmp_path):
+    from helpers import corpus_sources, write_corpus
+    from lmlab.data import PretrainDataModule
+    from lmlab.data.tokenizer import TokenizerTrainConfig
+    from lmlab.models.counting import training_flops
+    from lmlab.modules.pretrain import PretrainModule
+    from lmlab.scaling.run_summary import CSV_COLUMNS, RunSummary
+
+    write_corpus(tmp_path / "corpus")
+    dm = PretrainDataModule(sources=corpus_sources(tmp_path / "corpus"), tokenizer=str(tmp_path / "tok"),
+                            tokenizer_train=TokenizerTrainConfig(vocab_size=320, sample_chars=100_000), seq_len=32,
+                            batch_size=8, val_fraction=0.05, val_max_windows=4, cache_dir=str(tmp_path / "cache"))
+    c = cfg(vocab_size=320, max_seq_len=64, n_layers=2, moe_shared_experts=1)
+    module = PretrainModule(c)
+    cb = RunSummary(results_file=str(tmp_path / "r.jsonl"))
+    make_trainer(tmp_path, 3, callbacks=[cb], limit_val_batches=None, val_check_interval=3,
+                 check_val_every_n_epoch=None).fit(module, datamodule=dm)
+    rec, counts = cb.record, count_params(c)
+    assert rec["N_total"] == counts.total == sum(p.numel() for p in module.model.parameters())
+    assert rec["N_expert_total"] == counts.non_embedding > rec["N"] == counts.active_non_embedding
+    assert rec["N_active_total"] == counts.active
+    assert rec["C_6ND"] == 6 * rec["N"] * rec["D"]
+    assert rec["C"] == pytest.approx(training_flops(c, rec["D"], 32, "palm"), rel=1e-12)
+    assert "N_expert_total" in CSV_COLUMNS

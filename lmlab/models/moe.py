@@ -85,29 +85,51 @@ class _TakeRows(torch.autograd.Function):
         return grad.new_zeros(ctx.rows, grad.shape[1]).index_copy(0, index, grad), None
 
 
-def expert_swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, counts: torch.Tensor,
-                  place: torch.Tensor, width: int) -> torch.Tensor:
-    """``down_i(silu(gate_i x) * up_i x)`` of every (token, slot) assignment, in assignment order.
+class _Dispatch(torch.autograd.Function):
+    """Tokens (N, d) into the expert-major buffer (E * width, d): row r holds token ``source[r]``
+    (``N``: an empty row, zeros). The backward gathers each token's k assignment gradients
+    (``place``) and sums them, with no scatter."""
 
-    x: (A, d), one row per assignment (token-major); gate_up: (E, d, 2h); down:
-    (E, h, d); ``place[a]`` is the row of assignment a in the expert-major
-    (E, width) layout (``E * width`` for a dropped assignment, whose output is
-    zero); ``counts[i]`` assignments go to expert i. Two grouped matmuls
-    (``torch._grouped_mm``) where they are fast, else two batched matmuls over
-    the (E, width, d) buffer.
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, source: torch.Tensor, place: torch.Tensor, k: int) -> torch.Tensor:
+        ctx.save_for_backward(place)
+        ctx.k = k
+        return torch.cat([x, x.new_zeros(1, x.shape[1])]).index_select(0, source)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (place,) = ctx.saved_tensors
+        # dropped assignments point one past the buffer: they read a zero gradient row
+        grad = torch.cat([grad, grad.new_zeros(1, grad.shape[1])])
+        return grad.index_select(0, place).view(-1, ctx.k, grad.shape[1]).sum(dim=1), None, None, None
+
+
+def expert_swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, counts: torch.Tensor,
+                  place: torch.Tensor, width: int, k: int) -> torch.Tensor:
+    """``down_i(silu(gate_i x) * up_i x)`` of every (token, slot) assignment, in assignment order (N * k, d).
+
+    x: (N, d) tokens; gate_up: (E, d, 2h); down: (E, h, d); ``place[a]`` is the
+    row of assignment a = token * k + slot in the expert-major (E, width) layout
+    (``E * width`` for a dropped assignment, whose output is zero); ``counts[i]``
+    assignments go to expert i. Two grouped matmuls (``torch._grouped_mm``)
+    where they are fast, else two batched matmuls over the (E, width, d) buffer.
     """
     E, d = gate_up.shape[0], x.shape[1]
+    token = torch.arange(place.numel(), device=x.device) // k
     if _grouped_mm_works(x):
         offs = torch.cumsum(counts, 0).to(torch.int32)
         order = torch.argsort(place)[: int(counts.sum())]
-        xs = x.index_select(0, order)
-        gate, up = torch._grouped_mm(xs, gate_up, offs=offs).chunk(2, dim=-1)
+        gate, up = torch._grouped_mm(x.index_select(0, token[order]), gate_up, offs=offs).chunk(2, dim=-1)
         ys = torch._grouped_mm(F.silu(gate) * up, down, offs=offs)
-        return x.new_zeros(x.shape).index_copy(0, order, ys)
-    buf = x.new_zeros(E * width + 1, d).index_copy(0, place, x)[:-1]  # the last row takes dropped assignments
+        return ys.new_zeros(place.numel(), d).index_copy(0, order, ys)
+    source = torch.full((E * width + 1,), x.shape[0], dtype=torch.long, device=x.device)
+    source = source.index_copy(0, place, token)[:-1]
+    buf = _Dispatch.apply(x, source, place, k)
     gate, up = torch.bmm(buf.view(E, width, d), gate_up).chunk(2, dim=-1)
     y = torch.bmm(F.silu(gate) * up, down).view(E * width, d)
-    return _TakeRows.apply(torch.cat([y, y.new_zeros(1, d)]), place)
+    if bool((place == E * width).any()):
+        y = torch.cat([y, y.new_zeros(1, d)])  # the row dropped assignments read
+    return _TakeRows.apply(y, place)
 
 
 class MoEFeedForward(nn.Module):
@@ -176,8 +198,7 @@ class MoEFeedForward(nn.Module):
         else:
             width = max(int(counts.max()), 1) if N else 1
         place = torch.where(rank < width, flat * width + rank, torch.full_like(rank, E * width))
-        tokens = x.unsqueeze(1).expand(N, k, x.shape[-1]).reshape(N * k, -1)
-        y = expert_swiglu(tokens, self.gate_up, self.down, kept, place, width)
+        y = expert_swiglu(x, self.gate_up, self.down, kept, place, width, k)
         out = (y.view(N, k, -1) * weights.unsqueeze(-1)).sum(dim=1)
         if self.shared_fc is not None:
             s_gate, s_up = self.shared_fc(x).chunk(2, dim=-1)
