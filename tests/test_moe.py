@@ -337,3 +337,18 @@ def test_run_summary_records_active_and_total_parameters(tmp_path):
     assert rec["C_6ND"] == 6 * rec["N"] * rec["D"]
     assert rec["C"] == pytest.approx(training_flops(c, rec["D"], 32, "palm"), rel=1e-12)
     assert "N_expert_total" in CSV_COLUMNS
+
+
+def test_plan_holds_every_expert_and_names_the_active_count():
+    from lmlab.distributed.planner import PlanInput, format_plan, plan_memory
+
+    c = cfg(moe_experts=8)
+    dense = TransformerConfig(**{**c.to_dict(), "moe_experts": 0})
+    moe_plan = plan_memory(PlanInput(config=c, micro_batch=2, seq_len=16), search=False)
+    dense_plan = plan_memory(PlanInput(config=dense, micro_batch=2, seq_len=16), search=False)
+    extra = count_params(c).total - count_params(dense).total
+    # fp32 AdamW: weights + grads + two moments = 16 bytes for every parameter, experts included
+    states = lambda p: p.params + p.grads + p.optimizer  # noqa: E731
+    # (plus a 4-byte AdamW step counter per tensor: router, gate_up, down replace fc, proj, one more per block)
+    assert states(moe_plan) - states(dense_plan) == 16 * extra + 4 * c.n_layers
+    assert f"{count_params(c).active:,} params active per token" in format_plan(moe_plan)
