@@ -352,3 +352,22 @@ def test_plan_holds_every_expert_and_names_the_active_count():
     # (plus a 4-byte AdamW step counter per tensor: router, gate_up, down replace fc, proj, one more per block)
     assert states(moe_plan) - states(dense_plan) == 16 * extra + 4 * c.n_layers
     assert f"{count_params(c).active:,} params active per token" in format_plan(moe_plan)
+
+
+def test_serving_engine_batches_an_moe_model_like_unbatched_generate():
+    from lmlab.data.posttrain.datamodules import load_posttrain_tokenizer
+    from lmlab.serving.engine import Engine, GenerationRequest, SamplingParams
+
+    tok = load_posttrain_tokenizer("char")
+    torch.manual_seed(0)
+    model = distinct(CausalLM(cfg(vocab_size=len(tok), max_seq_len=64, pad_vocab_to=8, moe_shared_experts=1))).eval()
+    engine = Engine(model, tok, max_batch=3, max_queue=16)
+    prompts = [tok("12+3=")["input_ids"], tok("7")["input_ids"], tok("40+41=")["input_ids"], tok("9+9")["input_ids"]]
+    budgets = [6, 9, 4, 7]
+    reqs = [engine.submit(GenerationRequest(p, SamplingParams(max_tokens=b, temperature=0))) for p, b in zip(prompts, budgets)]
+    while not all(r.done for r in reqs):
+        engine.step()
+    for p, b, r in zip(prompts, budgets, reqs):
+        out = generate(model, torch.tensor([p]), max_new_tokens=b, temperature=0)
+        assert r.token_ids == out.responses[0].tolist()[: len(r.token_ids)] and len(r.token_ids) > 0
+    assert engine.max_rows_seen == 3

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -39,6 +40,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=400, help="dense steps; MoE runs match their FLOPs")
     ap.add_argument("--batch_size", type=int, default=8)
     ap.add_argument("--runs", default="runs/moe_study")
+    ap.add_argument("--threads", type=int, default=1, help="intra-op threads of each run")
+    ap.add_argument("--val_max_windows", type=int, default=20)
     args = ap.parse_args()
 
     from lmlab.models.config import TransformerConfig
@@ -60,7 +63,9 @@ def main() -> None:
                    f"--data.init_args.batch_size={args.batch_size}", "--data.init_args.tokenizer_train.sample_chars=1000000",
                    f"--trainer.default_root_dir={root}", "--trainer.logger=false",
                    "--budget.params=null", "--budget.tokens=null"]
-            r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+            cmd.append(f"--data.init_args.val_max_windows={args.val_max_windows}")
+            env = {**os.environ, **{v: str(args.threads) for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}}
+            r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
             if r.returncode != 0:
                 print(r.stderr[-3000:])
                 raise SystemExit(f"{root}: lmlab fit failed")
