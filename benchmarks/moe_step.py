@@ -1,6 +1,6 @@
 """Mixture-of-experts layer step time: grouped experts vs a dense SwiGLU of equal active parameters, and vs a per-expert loop.
 
-    python benchmarks/moe_step.py                      # 8 experts, top-2, d_model 256, 4,096 tokens
+    python benchmarks/moe_step.py --threads 1          # 8 experts, top-2, d_model 256, 4,096 tokens
     python benchmarks/moe_step.py --experts 16 --top_k 4
 
 One step is forward + backward of one feed-forward layer on (tokens, d_model)
