@@ -40,7 +40,7 @@ collected once per micro-batch by the stage template
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
