@@ -42,7 +42,12 @@ from dataclasses import dataclass
 from typing import Literal
 
 from lmlab.models.config import TransformerConfig
-from lmlab.models.counting import count_params
+from lmlab.models.counting import count_params, moe_ffn_params
+from lmlab.models.moe import moe_layers
+
+
+def _final_norm(config: TransformerConfig) -> int:
+    return 2 * config.d_model if config.norm_type == "layernorm" and config.bias else config.d_model
 
 Device = Literal["cuda", "cpu"]
 
@@ -157,7 +162,24 @@ def activation_terms(
     if config.dropout > 0:
         terms.append(Term("residual dropout masks", 2 * n * d, True))
     terms += _norm_terms(config, n, d, dtypes, device, "mlp norm", r)
-    terms.append(Term("fc input", c * n * d, True))
+    n_moe = len(moe_layers(config))
+    if n_moe:
+        # expert blocks differ from dense ones; per-layer terms are their mean over the blocks
+        share = n_moe / config.n_layers
+        k, he, E = config.moe_top_k, config.expert_hidden_dim, config.moe_experts
+        hs = config.moe_shared_experts * he
+        moe_terms = [("router input", c * n * d), ("router probabilities (fp32)", 4 * n * E),
+                     ("tokens gathered by expert", c * k * n * d), ("expert gate|up output", c * k * n * 2 * he),
+                     ("expert silu(gate), silu(gate)*up", 2 * c * k * n * he),
+                     ("expert outputs by slot", c * k * n * d)]
+        if hs:
+            moe_terms += [("shared expert gate|up, silu, product", 4 * c * n * hs), ("shared expert gate", 4 * c * n)]
+        terms += [Term(f"{name} (x{share:.2f} of blocks)", share * b_, True) for name, b_ in moe_terms]
+        f_dense = 1.0 - share
+    else:
+        f_dense = 1.0
+    terms.append(Term("fc input", c * n * d * f_dense, True))
+    f = f * f_dense  # dense blocks only
     if config.ffn_type == "swiglu":
         terms.append(Term("fc output (gate|up)", c * n * 2 * f, True, True))
         terms.append(Term("silu(gate)", c * n * f, True, True))
@@ -306,6 +328,19 @@ def param_split(config: TransformerConfig) -> ParamSplit:
         block_tensors += 3
         gate = config.n_layers * d * h
     root_tensors = 1 + (1 if config.position == "learned" else 0) + per_norm + (0 if config.tie_embeddings else 1)
+    n_moe = len(moe_layers(config))
+    if n_moe:
+        # expert weights and their optimizer states: every expert is held, not only the active ones
+        moe_all, _ = moe_ffn_params(config)
+        dense_mlp = d * fc_out + f * d
+        expert_block = pc.per_block - dense_mlp + moe_all
+        matmul_block_moe = matmul_block - dense_mlp + moe_all
+        extra_tensors = 3 + (3 if config.moe_shared_experts else 0) - 2
+        return ParamSplit(
+            total=pc.total, tp_sharded=0, block=expert_block if n_moe == config.n_layers else max(pc.per_block, expert_block), root=pc.total - pc.non_embedding
+            + _final_norm(config), matmul_weights=(config.n_layers - n_moe) * matmul_block + n_moe * matmul_block_moe
+            + head, n_tensors=config.n_layers * block_tensors + n_moe * extra_tensors + root_tensors,
+        )
     return ParamSplit(
         total=pc.total,
         tp_sharded=config.n_layers * tp_block,

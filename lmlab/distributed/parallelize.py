@@ -168,6 +168,9 @@ def check_tp_degree(config, tp: int) -> None:
     """Raise :class:`ConfigError` when ``tp`` cannot split the heads or the MLP evenly."""
     if tp < 1:
         raise ConfigError("trainer.strategy.tensor_parallel_size", f"must be >= 1, got {tp}")
+    if tp > 1 and config.moe_experts:
+        raise ConfigError("trainer.strategy.tensor_parallel_size", "tensor parallelism does not shard "
+                          "mixture-of-experts layers", "use tensor_parallel_size=1 (FSDP2 shards the experts)")
     if config.n_heads % tp or config.kv_heads % tp:
         ok = [t for t in range(1, config.kv_heads + 1) if config.kv_heads % t == 0 and config.n_heads % t == 0]
         raise ConfigError(

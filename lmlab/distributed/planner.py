@@ -42,7 +42,7 @@ from lmlab.distributed.memory import (
 )
 from lmlab.errors import ConfigError
 from lmlab.models.config import TransformerConfig
-from lmlab.models.counting import FlopConvention, flops_per_token
+from lmlab.models.counting import FlopConvention, count_params, flops_per_token
 from lmlab.scaling.plan import SECONDS_PER_DAY, pf_days, wall_seconds
 
 STRATEGIES = ("single", "ddp", "zero1", "zero2", "zero3", "fsdp", "fsdp-grad-op", "fsdp-hybrid", "fsdp2")
@@ -301,7 +301,7 @@ def suggest(inp: PlanInput, limit: int = 5) -> list[dict]:
     if inp.strategy == "fsdp2" or inp.strategy in ("ddp", "fsdp", "single") and inp.world_size > 1:
         for tp in (2, 4, 8):
             if tp > inp.tp and inp.world_size % tp == 0 and inp.config.kv_heads % tp == 0 and inp.config.n_heads % tp == 0 \
-                    and inp.config.hidden_dim % tp == 0:
+                    and inp.config.hidden_dim % tp == 0 and not inp.config.moe_experts:
                 candidates.append((f"tensor parallel {tp} (strategy fsdp2, experiments/strategies/fsdp2_tp.yaml)",
                                    {"strategy": "fsdp2", "tp": tp}))
     out: list[dict] = []
@@ -398,7 +398,9 @@ def format_plan(mem: MemoryPlan, comp: Optional[ComputeEstimate] = None) -> str:
     split = param_split(cfg)
     lines = [
         f"model: {split.total:,} params (d_model={cfg.d_model}, n_layers={cfg.n_layers}, n_heads={cfg.n_heads}, "
-        f"kv_heads={cfg.kv_heads}, vocab={cfg.padded_vocab_size})",
+        f"kv_heads={cfg.kv_heads}, vocab={cfg.padded_vocab_size})"
+        + (f"; {cfg.moe_experts} experts top-{cfg.moe_top_k}: every expert's weights and optimizer states are held, "
+           f"{count_params(cfg).active:,} params active per token" if cfg.moe_experts else ""),
         f"setup: strategy={inp.strategy} world={inp.world_size} tp={inp.tp} dp={inp.dp} precision={inp.precision} "
         f"micro_batch={inp.micro_batch} seq_len={inp.seq_len} activation_checkpointing={inp.activation_checkpointing}"
         + (" offload=optimizer" if inp.offload else ""),

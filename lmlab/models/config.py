@@ -61,6 +61,22 @@ class TransformerConfig:
             :mod:`lmlab.models.attention`.
         sliding_window: Keys each query attends to with ``attention: sliding_window``.
         linear_chunk_size: Chunk length of the parallel form of ``attention: linear``.
+        moe_experts: Routed experts per mixture-of-experts feed-forward; 0 keeps
+            every block dense (see :mod:`lmlab.models.moe`).
+        moe_top_k: Experts each token is sent to.
+        moe_expert_hidden: SwiGLU width of one expert; ``None`` is ``hidden_dim``.
+            Equal active parameters to a dense width H at top-k: H / k.
+        moe_shared_experts: Always-active experts of the same width (one gated
+            SwiGLU of the summed width, the Qwen2-MoE form).
+        moe_every: Blocks with ``(layer + 1) % moe_every == 0`` use experts.
+        moe_dense_layers: The first this many blocks stay dense.
+        moe_capacity_factor: Training-time expert capacity as a multiple of the
+            even share (``ceil(cf * tokens * k / E)``); overflow is dropped and
+            counted. ``None`` routes dropless.
+        moe_renormalize: Divide the top-k router weights by their sum (Mixtral;
+            Qwen2-MoE ``norm_topk_prob``).
+        moe_aux_loss_coef: Weight of the Switch/GShard load-balancing loss.
+        moe_z_loss_coef: Weight of the router z-loss (ST-MoE).
     """
 
     preset: Optional[str] = None
@@ -88,6 +104,16 @@ class TransformerConfig:
     attention: Literal["full", "sliding_window", "linear"] = "full"
     sliding_window: Optional[int] = None
     linear_chunk_size: int = 64
+    moe_experts: int = 0
+    moe_top_k: int = 2
+    moe_expert_hidden: Optional[int] = None
+    moe_shared_experts: int = 0
+    moe_every: int = 1
+    moe_dense_layers: int = 0
+    moe_capacity_factor: Optional[float] = None
+    moe_renormalize: bool = True
+    moe_aux_loss_coef: float = 0.01
+    moe_z_loss_coef: float = 0.001
 
     def __post_init__(self) -> None:
         if self.preset is not None:
@@ -126,6 +152,10 @@ class TransformerConfig:
         # SwiGLU has three matrices; 2/3 of 4*d keeps the parameter count of a 4*d GELU MLP.
         return int(math.ceil(8 * self.d_model / 3 / 64) * 64)
 
+    @property
+    def expert_hidden_dim(self) -> int:
+        return self.moe_expert_hidden if self.moe_expert_hidden is not None else self.hidden_dim
+
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the field for an impossible shape."""
         prefix = "model.config"
@@ -149,6 +179,8 @@ class TransformerConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"{prefix}.dropout", f"must be in [0, 1), got {self.dropout}")
         self._validate_attention(prefix)
+        if self.moe_experts:
+            self._validate_moe(prefix)
 
     def _validate_attention(self, prefix: str) -> None:
         if self.attention not in ("full", "sliding_window", "linear"):
@@ -163,6 +195,26 @@ class TransformerConfig:
                               "set attention: sliding_window or remove sliding_window")
         if self.linear_chunk_size < 1:
             raise ConfigError(f"{prefix}.linear_chunk_size", f"must be positive, got {self.linear_chunk_size}")
+
+    def _validate_moe(self, prefix: str) -> None:
+        if self.moe_experts < 0:
+            raise ConfigError(f"{prefix}.moe_experts", f"must be >= 0, got {self.moe_experts}")
+        if not 1 <= self.moe_top_k <= self.moe_experts:
+            raise ConfigError(f"{prefix}.moe_top_k", f"must be in [1, moe_experts={self.moe_experts}], got {self.moe_top_k}")
+        if self.ffn_type != "swiglu" or self.bias:
+            raise ConfigError(f"{prefix}.moe_experts", "experts are bias-free SwiGLU networks",
+                              "set ffn_type=swiglu and bias=false, or moe_experts=0")
+        for name in ("moe_every", "expert_hidden_dim"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{prefix}.{name.replace('expert_hidden_dim', 'moe_expert_hidden')}",
+                                  f"must be >= 1, got {getattr(self, name)}")
+        if self.moe_shared_experts < 0 or self.moe_dense_layers < 0:
+            raise ConfigError(f"{prefix}.moe_shared_experts", "moe_shared_experts and moe_dense_layers must be >= 0")
+        if self.moe_capacity_factor is not None and self.moe_capacity_factor <= 0:
+            raise ConfigError(f"{prefix}.moe_capacity_factor", f"must be > 0, got {self.moe_capacity_factor}",
+                              "or null for dropless routing")
+        if self.moe_aux_loss_coef < 0 or self.moe_z_loss_coef < 0:
+            raise ConfigError(f"{prefix}.moe_aux_loss_coef", "auxiliary loss coefficients must be >= 0")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

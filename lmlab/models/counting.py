@@ -7,6 +7,14 @@ projection) and learned position embeddings. FLOP counts use
 ``non_embedding + d_model * vocab`` because the unembedding is a matmul that
 costs compute every token even when it is tied to the embedding.
 
+Mixture-of-experts models (``moe_experts > 0``) have two counts: ``total``
+and ``non_embedding`` hold every expert (what memory and checkpoints hold),
+``active`` and ``active_non_embedding`` only the router, the top-k routed
+experts and the shared experts a token passes through. FLOPs per token use
+the active count (each token multiplies only by the weights it is routed to),
+and so does ``N`` in run summaries and scaling fits (docs/scaling.md); for a
+dense model both counts are equal.
+
 Training FLOPs per token follow three named conventions:
 
 - ``"6n"``: C = 6 N D with N the matmul parameters (:func:`matmul_params`), attention ignored (Kaplan
@@ -36,6 +44,15 @@ class ParamCounts:
     non_embedding: int
     embedding: int
     per_block: int
+    #: parameters one token passes through (router, top-k experts, shared experts); = total when dense
+    active: int = -1
+    active_non_embedding: int = -1
+
+    def __post_init__(self) -> None:
+        if self.active < 0:
+            object.__setattr__(self, "active", self.total)
+        if self.active_non_embedding < 0:
+            object.__setattr__(self, "active_non_embedding", self.non_embedding)
 
 
 def _norm_params(config: TransformerConfig, dim: int) -> int:
@@ -44,8 +61,21 @@ def _norm_params(config: TransformerConfig, dim: int) -> int:
     return dim
 
 
+def moe_ffn_params(config: TransformerConfig) -> tuple[int, int]:
+    """(all, active) parameters of one mixture-of-experts feed-forward (see :mod:`lmlab.models.moe`)."""
+    d, E, k, h = config.d_model, config.moe_experts, config.moe_top_k, config.expert_hidden_dim
+    router, expert = E * d, 3 * d * h
+    shared = 3 * d * config.moe_shared_experts * h + d if config.moe_shared_experts else 0
+    return router + E * expert + shared, router + k * expert + shared
+
+
 def count_params(config: TransformerConfig) -> ParamCounts:
-    """Exact parameter counts of :class:`~lmlab.models.heads.CausalLM` for ``config``."""
+    """Exact parameter counts of :class:`~lmlab.models.heads.CausalLM` for ``config``.
+
+    ``per_block`` is a dense block; expert blocks replace its MLP by :func:`moe_ffn_params`.
+    """
+    from lmlab.models.moe import moe_layers
+
     d, b = config.d_model, int(config.bias)
     hd = config.head_dim
     qkv_out = (config.n_heads + 2 * config.kv_heads) * hd
@@ -63,14 +93,20 @@ def count_params(config: TransformerConfig) -> ParamCounts:
     pos = config.max_seq_len * d if config.position == "learned" else 0
     head = 0 if config.tie_embeddings else V * d
     final_norm = _norm_params(config, d)
-    total = tok + pos + config.n_layers * block + final_norm + head
-    non_embedding = config.n_layers * block + final_norm
-    return ParamCounts(total=total, non_embedding=non_embedding, embedding=total - non_embedding, per_block=block)
+    n_moe = len(moe_layers(config))
+    moe_all, moe_active = moe_ffn_params(config) if n_moe else (0, 0)
+    blocks = config.n_layers * block + n_moe * (moe_all - mlp)
+    active_blocks = config.n_layers * block + n_moe * (moe_active - mlp)
+    total = tok + pos + blocks + final_norm + head
+    non_embedding = blocks + final_norm
+    return ParamCounts(total=total, non_embedding=non_embedding, embedding=total - non_embedding, per_block=block,
+                       active=total - non_embedding + active_blocks + final_norm,
+                       active_non_embedding=active_blocks + final_norm)
 
 
 def matmul_params(config: TransformerConfig) -> int:
-    """Parameters that take part in a matmul per token: N plus the unembedding."""
-    return count_params(config).non_embedding + config.padded_vocab_size * config.d_model
+    """Parameters that take part in a matmul per token: active N plus the unembedding."""
+    return count_params(config).active_non_embedding + config.padded_vocab_size * config.d_model
 
 
 def flops_per_token(config: TransformerConfig, seq_len: int | None = None, convention: FlopConvention = "palm") -> float:

@@ -40,7 +40,7 @@ HF_CONFIG = "config.json"
 LMLAB_CONFIG = "lmlab_config.json"
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
-SUPPORTED_MODEL_TYPES = ("llama", "gpt2", "mistral")
+SUPPORTED_MODEL_TYPES = ("llama", "gpt2", "mistral", "mixtral", "qwen2_moe")
 
 _LLAMA_NEEDS = {"norm_type": "rmsnorm", "position": "rope", "ffn_type": "swiglu", "qk_norm": False}
 _GPT2_NEEDS = {"norm_type": "layernorm", "position": "learned", "ffn_type": "gelu", "qk_norm": False}
@@ -58,6 +58,8 @@ def hf_architecture(config: TransformerConfig, field: str = "model.config") -> s
     if config.attention != "full":
         return _variant_architecture(config, field)
     llama_off = [f"{k}={getattr(config, k)!r} (needs {v!r})" for k, v in _LLAMA_NEEDS.items() if getattr(config, k) != v]
+    if config.moe_experts:
+        return moe_architecture(config, llama_off, field)
     if not llama_off:
         return "llama"
     gpt2_off = [f"{k}={getattr(config, k)!r} (needs {v!r})" for k, v in _GPT2_NEEDS.items() if getattr(config, k) != v]
@@ -77,6 +79,9 @@ def hf_architecture(config: TransformerConfig, field: str = "model.config") -> s
 def _variant_architecture(config: TransformerConfig, field: str) -> str:
     if config.attention == "linear":
         raise ConfigError(field, "linear attention has no transformers class", "export it with --format lmlab")
+    if config.moe_experts:
+        raise ConfigError(field, "sliding-window attention with experts has no exported transformers class",
+                          "export it with --format lmlab")
     off = [f"{k}={getattr(config, k)!r} (needs {v!r})" for k, v in _LLAMA_NEEDS.items() if getattr(config, k) != v]
     if config.bias:
         off.append("bias=True (Mistral has no biases)")
@@ -85,6 +90,24 @@ def _variant_architecture(config: TransformerConfig, field: str) -> str:
                           "export with --format lmlab, or train with norm_type=rmsnorm, position=rope, "
                           "ffn_type=swiglu, qk_norm=false, bias=false")
     return "mistral"
+
+
+def moe_architecture(config: TransformerConfig, llama_off: list[str], field: str = "model.config") -> str:
+    """``"mixtral"`` (no shared experts, experts in every block, renormalised top-k) or ``"qwen2_moe"``
+    (shared experts; any placement of expert blocks); :class:`ConfigError` in one line otherwise."""
+    if llama_off:
+        raise ConfigError(field, f"mixture-of-experts export needs a LLaMA-style backbone; ruled out by "
+                          f"{', '.join(llama_off)}", "use norm_type=rmsnorm, position=rope, qk_norm=false")
+    if config.moe_shared_experts:
+        return "qwen2_moe"
+    every_block = config.moe_every == 1 and config.moe_dense_layers == 0
+    if every_block and config.moe_renormalize:
+        return "mixtral"
+    why = "dense blocks between expert blocks" if not every_block else "moe_renormalize=false"
+    raise ConfigError(field, f"no transformers class computes experts without shared experts and with {why} "
+                      "(MixtralForCausalLM needs experts in every block and renormalised top-k weights)",
+                      "use moe_every=1, moe_dense_layers=0, moe_renormalize=true, or add moe_shared_experts "
+                      "(Qwen2MoeForCausalLM)")
 
 
 # --- configs -----------------------------------------------------------------------------------
@@ -101,7 +124,9 @@ def to_hf_config(
     """A transformers config (``LlamaConfig`` or ``GPT2Config``) for ``config``, with the real vocab size."""
     arch = hf_architecture(config)
     ids = dict(bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
-    if arch == "mistral":
+    if arch in ("mixtral", "qwen2_moe"):
+        hf = _moe_hf_config(config, arch, ids)
+    elif arch == "mistral":
         hf = _mistral_config(config, ids)
     elif arch == "llama":
         from transformers import LlamaConfig
@@ -182,6 +207,37 @@ def _mistral_config(config: TransformerConfig, ids: dict):
     return hf
 
 
+def _moe_hf_config(config: TransformerConfig, arch: str, ids: dict):
+    common = dict(
+        vocab_size=config.vocab_size, hidden_size=config.d_model, num_hidden_layers=config.n_layers,
+        num_attention_heads=config.n_heads, num_key_value_heads=config.kv_heads, hidden_act="silu",
+        max_position_embeddings=config.max_seq_len, rms_norm_eps=config.norm_eps, rope_theta=config.rope_theta,
+        attention_dropout=config.dropout, tie_word_embeddings=config.tie_embeddings,
+        initializer_range=config.init_std, num_experts_per_tok=config.moe_top_k,
+        router_aux_loss_coef=config.moe_aux_loss_coef, **ids,
+    )
+    if arch == "mixtral":
+        from transformers import MixtralConfig
+
+        hf = MixtralConfig(intermediate_size=config.expert_hidden_dim, num_local_experts=config.moe_experts,
+                           head_dim=config.head_dim, sliding_window=None, router_jitter_noise=0.0, **common)
+        hf.architectures = ["MixtralForCausalLM"]
+        return hf
+    from transformers import Qwen2MoeConfig
+
+    from lmlab.models.moe import is_moe_layer
+
+    hf = Qwen2MoeConfig(
+        intermediate_size=config.hidden_dim, moe_intermediate_size=config.expert_hidden_dim,
+        shared_expert_intermediate_size=config.moe_shared_experts * config.expert_hidden_dim,
+        num_experts=config.moe_experts, norm_topk_prob=config.moe_renormalize, decoder_sparse_step=1,
+        mlp_only_layers=[i for i in range(config.n_layers) if not is_moe_layer(config, i)],
+        qkv_bias=False, use_sliding_window=False, **common,
+    )
+    hf.architectures = ["Qwen2MoeForCausalLM"]
+    return hf
+
+
 def _rope_theta(hf: dict) -> float:
     params = hf.get("rope_parameters") or {}
     scaling = hf.get("rope_scaling") or {}
@@ -208,6 +264,10 @@ def from_hf_config(hf: dict, pad_vocab_to: Optional[int] = None) -> TransformerC
         )
     vocab = int(hf["vocab_size"])
     pad = pad_vocab_to if pad_vocab_to is not None else (64 if vocab % 64 == 0 else 1)
+    if model_type in ("mixtral", "qwen2_moe"):
+        base = from_hf_config({**hf, "model_type": "llama", "mlp_bias": bool(hf.get("qkv_bias", False)),
+                               "attention_bias": bool(hf.get("qkv_bias", False))}, pad)
+        return TransformerConfig.from_dict({**base.to_dict(), **_moe_fields(hf, base.n_layers)})
     if model_type in ("llama", "mistral"):
         d, heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
         head_dim = hf.get("head_dim") or d // heads
@@ -250,6 +310,31 @@ def _window_fields(hf: dict) -> dict:
     return dict(attention="sliding_window", sliding_window=int(window)) if window else {}
 
 
+def _moe_fields(hf: dict, n_layers: int) -> dict:
+    """lmlab ``moe_*`` fields of a Mixtral or Qwen2-MoE ``config.json``."""
+    if hf["model_type"] == "mixtral":
+        if float(hf.get("router_jitter_noise") or 0.0) or hf.get("sliding_window"):
+            raise ConfigError("config.json.sliding_window", "router jitter and sliding windows are not supported",
+                              "import a Mixtral without them")
+        h = int(hf["intermediate_size"])
+        return dict(moe_experts=int(hf["num_local_experts"]), moe_top_k=int(hf["num_experts_per_tok"]),
+                    moe_expert_hidden=h, ffn_hidden=h, moe_renormalize=True)
+    if hf.get("qkv_bias", True) or hf.get("use_sliding_window"):
+        raise ConfigError("config.json.qkv_bias", "attention biases and sliding windows are not supported",
+                          "import a Qwen2-MoE with qkv_bias=false")
+    h, shared = int(hf["moe_intermediate_size"]), int(hf.get("shared_expert_intermediate_size") or 0)
+    step = int(hf.get("decoder_sparse_step", 1))
+    dense = sorted(set(hf.get("mlp_only_layers") or []) | {i for i in range(n_layers) if (i + 1) % step})
+    n_first = next((i for i in range(n_layers) if i not in dense), n_layers)
+    if not shared or shared % h or any(i >= n_first and (i + 1) % step == 0 for i in dense):
+        raise ConfigError("config.json.mlp_only_layers", "lmlab needs shared experts of a multiple of the expert width "
+                          "and dense blocks that are the first ones or every decoder_sparse_step-th",
+                          "import a checkpoint of that layout")
+    return dict(moe_experts=int(hf["num_experts"]), moe_top_k=int(hf["num_experts_per_tok"]), moe_expert_hidden=h,
+                moe_shared_experts=shared // h, moe_every=step, moe_dense_layers=n_first,
+                moe_renormalize=bool(hf.get("norm_topk_prob", False)), ffn_hidden=int(hf["intermediate_size"]))
+
+
 # --- state dicts -------------------------------------------------------------------------------
 
 
@@ -265,7 +350,9 @@ def to_hf_state(config: TransformerConfig, state: dict[str, torch.Tensor]) -> di
         return state[name]
 
     q_rows, kv_rows = config.n_heads * config.head_dim, config.kv_heads * config.head_dim
-    if arch in ("llama", "mistral"):  # the same tensors; Mistral differs only in its attention mask
+    if arch in ("llama", "mistral", "mixtral", "qwen2_moe"):
+        from lmlab.models.moe import is_moe_layer
+
         out["model.embed_tokens.weight"] = get("backbone.tok_emb.weight")[:V]
         for i in range(config.n_layers):
             src, dst = f"backbone.blocks.{i}.", f"model.layers.{i}."
@@ -277,6 +364,9 @@ def to_hf_state(config: TransformerConfig, state: dict[str, torch.Tensor]) -> di
                 out[dst + f"self_attn.k_proj.{kind}"] = k
                 out[dst + f"self_attn.v_proj.{kind}"] = v
                 out[dst + f"self_attn.o_proj.{kind}"] = get(src + f"attn.proj.{kind}")
+                if is_moe_layer(config, i):
+                    out.update(_experts_to_hf(config, get, src + "mlp.", dst, arch))
+                    continue
                 gate, up = get(src + f"mlp.fc.{kind}").chunk(2, dim=0)
                 out[dst + f"mlp.gate_proj.{kind}"] = gate
                 out[dst + f"mlp.up_proj.{kind}"] = up
@@ -308,6 +398,43 @@ def to_hf_state(config: TransformerConfig, state: dict[str, torch.Tensor]) -> di
     return {k: v.detach().contiguous().clone() for k, v in out.items()}
 
 
+def _experts_to_hf(config: TransformerConfig, get, src: str, dst: str, arch: str) -> dict[str, torch.Tensor]:
+    """One expert block in the per-expert layout transformers saves (and converts to its fused one on load)."""
+    h, out = config.expert_hidden_dim, {}
+    moe = dst + ("block_sparse_moe." if arch == "mixtral" else "mlp.")
+    names = ("w1", "w3", "w2") if arch == "mixtral" else ("gate_proj", "up_proj", "down_proj")
+    out[moe + "gate.weight"] = get(src + "router.weight")
+    gate_up, down = get(src + "gate_up"), get(src + "down")
+    for j in range(config.moe_experts):
+        e = moe + f"experts.{j}."
+        out[e + f"{names[0]}.weight"] = gate_up[j, :, :h].t()
+        out[e + f"{names[1]}.weight"] = gate_up[j, :, h:].t()
+        out[e + f"{names[2]}.weight"] = down[j].t()
+    if config.moe_shared_experts:
+        gate, up = get(src + "shared_fc.weight").chunk(2, dim=0)
+        out[moe + "shared_expert.gate_proj.weight"] = gate
+        out[moe + "shared_expert.up_proj.weight"] = up
+        out[moe + "shared_expert.down_proj.weight"] = get(src + "shared_proj.weight")
+        out[moe + "shared_expert_gate.weight"] = get(src + "shared_gate.weight")
+    return out
+
+
+def _experts_from_hf(config: TransformerConfig, get, src: str, dst: str, model_type: str) -> dict[str, torch.Tensor]:
+    moe = src + ("block_sparse_moe." if model_type == "mixtral" else "mlp.")
+    names = ("w1", "w3", "w2") if model_type == "mixtral" else ("gate_proj", "up_proj", "down_proj")
+    out = {dst + "router.weight": get(moe + "gate.weight")}
+    experts = [moe + f"experts.{j}." for j in range(config.moe_experts)]
+    out[dst + "gate_up"] = torch.stack(
+        [torch.cat([get(e + f"{names[0]}.weight"), get(e + f"{names[1]}.weight")], dim=0).t() for e in experts])
+    out[dst + "down"] = torch.stack([get(e + f"{names[2]}.weight").t() for e in experts])
+    if config.moe_shared_experts:
+        s = moe + "shared_expert."
+        out[dst + "shared_fc.weight"] = torch.cat([get(s + "gate_proj.weight"), get(s + "up_proj.weight")], dim=0)
+        out[dst + "shared_proj.weight"] = get(s + "down_proj.weight")
+        out[dst + "shared_gate.weight"] = get(moe + "shared_expert_gate.weight")
+    return out
+
+
 def from_hf_state(config: TransformerConfig, hf_state: dict[str, torch.Tensor], model_type: str) -> dict[str, torch.Tensor]:
     """lmlab ``CausalLM`` tensors from transformers tensors; vocab rows padded with zeros."""
     V, Vp = config.vocab_size, config.padded_vocab_size
@@ -326,7 +453,9 @@ def from_hf_state(config: TransformerConfig, hf_state: dict[str, torch.Tensor], 
         return torch.cat([t, torch.zeros(Vp - V, *t.shape[1:], dtype=t.dtype)], dim=0)
 
     out: dict[str, torch.Tensor] = {}
-    if model_type in ("llama", "mistral"):
+    if model_type in ("llama", "mistral", "mixtral", "qwen2_moe"):
+        from lmlab.models.moe import is_moe_layer
+
         out["backbone.tok_emb.weight"] = pad_rows(get("model.embed_tokens.weight"))
         for i in range(config.n_layers):
             src, dst = f"model.layers.{i}.", f"backbone.blocks.{i}."
@@ -338,6 +467,9 @@ def from_hf_state(config: TransformerConfig, hf_state: dict[str, torch.Tensor], 
                     [get(a + f"q_proj.{kind}"), get(a + f"k_proj.{kind}"), get(a + f"v_proj.{kind}")], dim=0
                 )
                 out[dst + f"attn.proj.{kind}"] = get(a + f"o_proj.{kind}")
+                if is_moe_layer(config, i):
+                    out.update(_experts_from_hf(config, get, src, dst + "mlp.", model_type))
+                    continue
                 m = src + "mlp."
                 out[dst + f"mlp.fc.{kind}"] = torch.cat([get(m + f"gate_proj.{kind}"), get(m + f"up_proj.{kind}")], dim=0)
                 out[dst + f"mlp.proj.{kind}"] = get(m + f"down_proj.{kind}")
@@ -416,8 +548,14 @@ def hf_dir_config(path: str | os.PathLike) -> TransformerConfig:
     config = from_hf_config(json.loads((p / HF_CONFIG).read_text()))
     if (p / LMLAB_CONFIG).is_file():
         own = TransformerConfig.from_dict(json.loads((p / LMLAB_CONFIG).read_text()))
-        for key in ("vocab_size", "d_model", "n_layers", "n_heads", "kv_heads", "hidden_dim", "tie_embeddings",
-                    "sliding_window"):
+        keys = ["vocab_size", "d_model", "n_layers", "n_heads", "kv_heads", "hidden_dim", "tie_embeddings", "sliding_window"]
+        if own.moe_experts:
+            from lmlab.models.moe import moe_layers
+
+            keys += ["moe_experts", "moe_top_k", "expert_hidden_dim", "moe_shared_experts"]
+            if len(moe_layers(own)) == own.n_layers:
+                keys.remove("hidden_dim")  # no dense block: config.json has no dense width
+        for key in keys:
             if getattr(own, key) != getattr(config, key):
                 raise ConfigError(f"{p / LMLAB_CONFIG}", f"{key}={getattr(own, key)} disagrees with config.json "
                                   f"({getattr(config, key)})", "delete the stale lmlab_config.json")

@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lmlab.models.config import TransformerConfig
+from lmlab.models.moe import MoEFeedForward, is_moe_layer
 
 
 def make_norm(config: TransformerConfig, dim: int) -> nn.Module:
@@ -176,15 +177,20 @@ class MLP(nn.Module):
         return self.proj(h)
 
 
+def make_ffn(config: TransformerConfig, layer: int) -> nn.Module:
+    """The feed-forward of block ``layer``: routed experts where the config places them, else the dense MLP."""
+    return MoEFeedForward(config) if is_moe_layer(config, layer) else MLP(config)
+
+
 class Block(nn.Module):
     """Pre-norm transformer block: x + Attn(Norm(x)), then x + MLP(Norm(x))."""
 
-    def __init__(self, config: TransformerConfig):
+    def __init__(self, config: TransformerConfig, layer: int = 0):
         super().__init__()
         self.norm1 = make_norm(config, config.d_model)
         self.attn = Attention(config) if config.attention == "full" else _variant_attention(config)
         self.norm2 = make_norm(config, config.d_model)
-        self.mlp = MLP(config)
+        self.mlp = make_ffn(config, layer)
         self.drop = nn.Dropout(config.dropout)
 
     def forward(self, x, rope, mask, cache: Optional[KVCache] = None, layer: int = 0):
@@ -259,7 +265,7 @@ class Transformer(nn.Module):
             RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_theta) if config.position == "rope" else None
         )
         self.drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.norm = make_norm(config, config.d_model)
         self.activation_checkpointing = config.activation_checkpointing
 
@@ -333,3 +339,5 @@ def init_weights(module: nn.Module, config: TransformerConfig) -> None:
                 nn.init.ones_(m.weight)
             if getattr(m, "bias", None) is not None:
                 nn.init.zeros_(m.bias)
+        elif isinstance(m, MoEFeedForward):
+            m.reset_expert_parameters(config.init_std, resid_std)

@@ -36,6 +36,7 @@ from lmlab.distributed.hooks import (
 from lmlab.errors import ConfigError
 from lmlab.models.checkpoint import open_checkpoint, tokenizer_record
 from lmlab.models.config import TransformerConfig
+from lmlab.models.moe import clear_router_records, collect_router_losses, load_metrics, moe_modules
 from lmlab.modules.data_contract import StageData, require
 from lmlab.modules.optim import TrainingSettings, build_optimizer, make_lr_lambda
 from lmlab.modules.progress import count_progress_in_optimizer_steps
@@ -276,16 +277,33 @@ class LMModuleBase(pl.LightningModule):
         outputs = []
         loss_sum: Optional[torch.Tensor] = None
         last = len(micro_batches) - 1
+        router_stats = []
         for i, micro in enumerate(micro_batches):
             with accumulation_context(self, last=i == last):
+                clear_router_records(self.expert_layers)
                 loss, out = self.micro_batch_loss(micro, normaliser)
+                # the one place router losses join every stage's loss: each micro-batch carries its share
+                # (DDP's gradient mean over ranks then equals one process running the ranks' rows as micro-batches)
+                aux, stats = collect_router_losses(self.expert_layers)
+                if aux is not None:
+                    loss = loss + aux / len(micro_batches)
+                    router_stats.append(stats)
                 self.manual_backward(loss)
             loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
             outputs.append(out)
         # one host sync per step, not per micro-batch: a bad micro-batch only spoils gradients not yet applied
         self.check_finite(loss_sum, "loss")
         self.optimizer_update()
+        if router_stats:
+            self.log_dict(load_metrics(router_stats), on_step=True, on_epoch=False)
         return outputs
+
+    @property
+    def expert_layers(self) -> list:
+        """The mixture-of-experts feed-forwards of ``self.model`` (empty for dense models)."""
+        if getattr(self, "_expert_layers", None) is None:
+            self._expert_layers = moe_modules(self.model)
+        return self._expert_layers
 
     def check_finite(self, value: torch.Tensor, what: str) -> None:
         """Stop with a clear message (before any optimizer step) when ``value`` is NaN or infinite."""

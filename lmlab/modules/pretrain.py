@@ -89,8 +89,12 @@ class PretrainModule(LMModuleBase):
         tokens = dm.schedule.samples_before(steps) * dm.seq_len
         pc = count_params(self.config)
         c = training_flops(self.config, tokens, dm.seq_len, self.flop_convention)
+        n = f"N={pc.non_embedding:,} non-embedding ({pc.total:,} total) params"
+        if self.config.moe_experts:
+            n = (f"N={pc.active_non_embedding:,} active non-embedding ({pc.non_embedding:,} with every expert, "
+                 f"{pc.total:,} total) params")
         rank_zero_info(
-            f"lmlab: N={pc.non_embedding:,} non-embedding ({pc.total:,} total) params, "
+            f"lmlab: {n}, "
             f"D={tokens:,} tokens over {steps:,} steps, C={c:.3e} FLOPs ({self.flop_convention})"
         )
 
