@@ -400,6 +400,34 @@ def test_export_gguf_reads_back_with_ggufs_reader(model_dir, tmp_path):
     assert field("tokenizer.chat_template") == tok.chat_template
 
 
+@pytest.mark.parametrize("variant, word", [
+    (dict(attention="sliding_window", sliding_window=8), "sliding-window"),
+    (dict(moe_experts=4, moe_top_k=2), "mixture-of-experts"),
+    (dict(attention="linear"), "linear attention"),
+])
+def test_export_gguf_refuses_what_llama_cpp_would_misread(model_dir, tmp_path, variant, word, capsys):
+    """GGUF is written with llama's tensor layout only: other backbones stop with one line naming the variant."""
+    pytest.importorskip("gguf", reason="the gguf package is not installed")
+    import shutil
+
+    from lmlab.cli import main as lmlab_main
+
+    other = tmp_path / "variant"
+    shutil.copytree(model_dir, other)
+    cfg = TransformerConfig(**{**json.loads((other / "lmlab_config.json").read_text()), **variant})
+    torch.manual_seed(0)
+    from safetensors.torch import save_file
+
+    save_file({k: v for k, v in CausalLM(cfg).state_dict().items() if k != "lm_head.weight"},
+              str(other / "model.safetensors"))
+    (other / "lmlab_config.json").write_text(json.dumps(cfg.to_dict()))
+    out = tmp_path / "x.gguf"
+    assert lmlab_main(["export", "--ckpt", str(other), "--format", "gguf", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--format" in err[0] and word in err[0], err
+    assert not out.exists()
+
+
 def test_int8_quantized_model_serves_close_logits(model_dir):
     from lmlab.serving.prompts import load_model
 

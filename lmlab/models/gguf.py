@@ -92,8 +92,12 @@ def export_gguf(ckpt: str | os.PathLike, out: str | os.PathLike, *, tokenizer: A
     source = open_checkpoint(ckpt, "--ckpt")
     model = source.causal_lm()
     cfg = model.config
-    if hf_architecture(cfg, field="--format gguf") != "llama":
-        raise ConfigError("--format gguf", "only LLaMA-shaped models export to GGUF", "use --format hf for GPT-2-shaped ones")
+    arch = hf_architecture(cfg, field="--format gguf")
+    if arch != "llama":
+        what = {"gpt2": "GPT-2-shaped", "mistral": "sliding-window", "mixtral": "mixture-of-experts",
+                "qwen2_moe": "mixture-of-experts"}.get(arch, arch)
+        raise ConfigError("--format gguf", f"only dense LLaMA-shaped models export to GGUF; this one is {what}",
+                          "use --format hf")
     tok = source.tokenizer(tokenizer)
     tensors = gguf_tensors(cfg, model.state_dict())
     with atomic_path(out) as tmp:
