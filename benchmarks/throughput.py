@@ -204,6 +204,58 @@ def lightning_vs_raw(args, device) -> None:
                              "both: blocks compiled, fused AdamW, no clipping")
 
 
+def loss_memory_side(args, fused: bool) -> None:
+    """One forward + backward of the LM head and loss; prints the peak memory it added (run in its own process)."""
+    import resource
+
+    import torch
+
+    from lmlab.models.losses import linear_cross_entropy
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    h = torch.randn(args.batch, args.seq, args.mem_d_model, device=device, requires_grad=True)
+    w = (torch.randn(args.mem_vocab, args.mem_d_model, device=device) * 0.02).requires_grad_()
+    t = torch.randint(0, args.mem_vocab, (args.batch, args.seq), device=device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        if fused:
+            loss, _ = linear_cross_entropy(h, w, t, normaliser=t.numel())
+        else:
+            logits = h @ w.t()
+            loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), t.flatten())
+    loss.backward()
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    print(f"PEAK {peak} LOSS {float(loss):.6f}")
+
+
+def loss_memory(args) -> None:
+    """Peak memory of the loss with and without the fused chunked cross-entropy, each in a fresh process."""
+    import subprocess
+
+    out = {}
+    for side in ("plain", "fused"):
+        cmd = [sys.executable, __file__, "--memory-side", side, "--seq", str(args.seq), "--batch", str(args.batch),
+               "--mem-vocab", str(args.mem_vocab), "--mem-d-model", str(args.mem_d_model)]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        line = [ln for ln in res.stdout.splitlines() if ln.startswith("PEAK")]
+        out[side] = (int(line[0].split()[1]), float(line[0].split()[3])) if line else None
+    print(f"\nloss memory, vocab {args.mem_vocab}, d_model {args.mem_d_model}, {args.batch}x{args.seq} tokens, "
+          "bf16 autocast, forward + backward of head and loss:")
+    for side, r in out.items():
+        print(f"  {side:<6} " + (f"peak +{r[0] / 2**20:,.0f} MiB, loss {r[1]:.6f}" if r else "failed"))
+    if out["plain"] and out["fused"]:
+        report_ratio("  plain/fused peak memory", out["fused"][0], out["plain"][0], higher_is_better=False,
+                     differences="fused: 128 MiB chunks of fp32 logits, gradients made in the forward pass")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=2)
@@ -216,7 +268,14 @@ def main() -> None:
     p.add_argument("--precisions", default="fp32,bf16")
     p.add_argument("--lightning", action="store_true", help="also time Trainer.fit against the direct step")
     p.add_argument("--no-models", action="store_true", help="skip the lmlab vs transformers table")
+    p.add_argument("--memory", action="store_true", help="also measure the loss's peak memory, fused vs plain")
+    p.add_argument("--mem-vocab", type=int, default=131072)
+    p.add_argument("--mem-d-model", type=int, default=512)
+    p.add_argument("--memory-side", choices=("plain", "fused"), help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.memory_side:
+        pin_threads(args.threads)
+        return loss_memory_side(args, args.memory_side == "fused")
     args.shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     args.rows = []
     pin_threads(args.threads)
@@ -245,6 +304,8 @@ def main() -> None:
             print(f"| {shape} | {prec} | {' | '.join(cells)} | {' | '.join(ratio)} | {' / '.join(pct)} |")
     if args.lightning:
         lightning_vs_raw(args, device)
+    if args.memory:
+        loss_memory(args)
 
 
 if __name__ == "__main__":
