@@ -44,17 +44,26 @@ def autocast_for(precision: str, device):
     return contextlib.nullcontext
 
 
-def matmul_peak(precision: str, device, n: int = 2048, reps: int = 5) -> float:
-    """FLOP/s of an n x n x n matmul in ``precision`` (the median of ``reps``)."""
-    import torch
+def _first_step_timer_base():
+    import lightning.pytorch as pl
 
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    side = Side(f"matmul-{precision}", lambda: a @ b)
-    alternate([side], steps=reps, warmup=2, sync=sync)
-    return 2 * n**3 / side.median
+    return pl.Callback
+
+
+class FirstStepTimer(_first_step_timer_base()):
+    """Prints the process's CPU time when the first training step starts (start-up cost, load-independent).
+
+        PYTHONPATH=benchmarks lmlab fit --config experiments/quickstart.yaml --trainer.max_steps=1 \\
+            --trainer.callbacks+=throughput.FirstStepTimer
+    """
+
+    def on_train_batch_start(self, trainer, *args):
+        if trainer.global_step == 0:
+            print(f"start-up to the first training step: {time.process_time():.2f} s CPU", flush=True)
+
+
+def label_of(d_model: int, layers: int, precision: str) -> str:
+    return f"d{d_model}x{layers} {precision}"
 
 
 def lmlab_module(args, d_model: int, layers: int, device):
@@ -136,12 +145,19 @@ def measure_shape(args, d_model: int, layers: int, precision: str, device, peaks
             return
         sides.append(Side("hf-compiled" if compiled else "hf-eager", step))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    # the matmul peak is timed inside the same alternation, so load changes hit it like the steps
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a, b = (torch.randn(args.peak_n, args.peak_n, device=device, dtype=dtype) for _ in range(2))
+    peak_side = Side("matmul", lambda: a @ b)
     t0 = time.perf_counter()
-    alternate(sides, steps=args.steps, warmup=args.warmup, sync=sync)
+    alternate([*sides, peak_side], steps=args.steps, warmup=args.warmup, sync=sync)
+    peaks[precision] = 2 * args.peak_n**3 / peak_side.median
+    print(f"\n{label_of(d_model, layers, precision)}: matmul peak {peaks[precision] / 1e9:.0f} GFLOP/s "
+          f"({args.peak_n}^3, alternated with the steps)")
     fpt = flops_per_token(module.config, args.seq, "palm")
     tok = args.batch * args.seq
-    label = f"d{d_model}x{layers} {precision}"
-    print(f"\n{label}: {n_ours / 1e6:.1f}M params, lmlab compile={mode}, {time.perf_counter() - t0:.0f} s "
+    label = label_of(d_model, layers, precision)
+    print(f"{label}: {n_ours / 1e6:.1f}M params, lmlab compile={mode}, {time.perf_counter() - t0:.0f} s "
           f"(warm-up {args.warmup} steps, compile included there)")
     for side in sides:
         if side.median is None:
@@ -266,6 +282,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--precisions", default="fp32,bf16")
+    p.add_argument("--peak-n", type=int, default=2048, help="matmul size for the peak")
     p.add_argument("--lightning", action="store_true", help="also time Trainer.fit against the direct step")
     p.add_argument("--no-models", action="store_true", help="skip the lmlab vs transformers table")
     p.add_argument("--memory", action="store_true", help="also measure the loss's peak memory, fused vs plain")
@@ -285,8 +302,7 @@ def main() -> None:
     print(f"device={device.type} threads={torch.get_num_threads()} torch={torch.__version__} "
           f"vocab={args.vocab} seq={args.seq} batch={args.batch} steps={args.steps} (median)")
     precisions = args.precisions.split(",")
-    peaks = {prec: matmul_peak(prec, device) for prec in precisions}
-    print("matmul peak (2048^3, this process): " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items()))
+    peaks: dict = {}
     if not args.no_models:
         for d_model, layers in args.shapes:
             for prec in precisions:
