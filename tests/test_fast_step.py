@@ -183,3 +183,14 @@ def test_step_metrics_are_logged_on_logging_steps_only(workdir, tmp_path):
     assert logged == [False, False, True, False, False, True, True]
     assert sorted(spy.losses) == list(range(7))
     assert float(trainer.callback_metrics["train/tokens_seen"]) == 7 * 8 * 32
+
+
+def test_auto_compiles_the_blocks_of_long_single_device_runs_only(tmp_path):
+    def compiled_blocks(max_steps):
+        module = PretrainModule(TransformerConfig(vocab_size=64, d_model=16, n_layers=2, n_heads=2, max_seq_len=8))
+        module.trainer = make_trainer(tmp_path, max_steps)
+        module.apply_compile("fit")
+        return len(module.model.backbone._compiled_blocks)
+
+    assert compiled_blocks(COMPILE_AUTO_MIN_STEPS) == 2
+    assert compiled_blocks(COMPILE_AUTO_MIN_STEPS - 1) == 0

@@ -209,6 +209,10 @@ class LMModuleBase(pl.LightningModule):
         trainer = self._trainer
         max_steps = trainer.max_steps if trainer is not None and stage == "fit" else None
         mode = resolve_compile(self.settings.compile, self.device, max_steps)
+        if self.settings.compile == "auto" and trainer is not None and not _plain_strategy(trainer.strategy):
+            # sharded strategies (FSDP, tensor/pipeline parallel, DeepSpeed) rewrap the blocks after setup:
+            # compiling under them stays an explicit choice
+            mode = "eager"
         if mode == "model" and self._compiled is None:
             self._compiled = torch.compile(self.model)
         elif mode == "blocks":
@@ -427,6 +431,11 @@ class LMModuleBase(pl.LightningModule):
         self.tokens_seen = int(meta.get("tokens_seen", 0))
         if "torch_rng_state" in meta:
             torch.set_rng_state(meta["torch_rng_state"])
+
+
+def _plain_strategy(strategy) -> bool:
+    """Single-device or DDP: strategies that leave the blocks as they are."""
+    return type(strategy).__name__ in ("SingleDeviceStrategy", "DDPStrategy")
 
 
 def _tokenizer_meta(meta: dict) -> dict:
