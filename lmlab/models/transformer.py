@@ -268,6 +268,19 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.norm = make_norm(config, config.d_model)
         self.activation_checkpointing = config.activation_checkpointing
+        # Compiled views of the blocks (regional compilation), kept in a plain list so they add
+        # no state-dict keys: checkpoints stay interchangeable between compiled and eager runs.
+        self._compiled_blocks: list = []
+
+    def compile_blocks(self, **compile_kwargs) -> None:
+        """Compile each block on its own (regional compilation) for the cache-free forward.
+
+        Every block has the same code, so Dynamo traces and Inductor compiles
+        one graph and the other blocks reuse it: start-up costs one block's
+        compile, not the whole model's. Incremental decoding (a KV cache)
+        keeps the eager blocks, whose shapes change every token.
+        """
+        self._compiled_blocks = [torch.compile(block, **compile_kwargs) for block in self.blocks]
 
     def forward(
         self,
@@ -313,7 +326,8 @@ class Transformer(nn.Module):
             x = x + self.pos_emb(position_ids)
         x = self.drop(x)
         rope = self.rotary(position_ids, x.dtype) if self.rotary is not None else None
-        for i, block in enumerate(self.blocks):
+        blocks = self._compiled_blocks if cache is None and self._compiled_blocks else self.blocks
+        for i, block in enumerate(blocks):
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, rope, mask, cache, i, use_reentrant=False)
             else:

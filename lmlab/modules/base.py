@@ -38,7 +38,7 @@ from lmlab.models.checkpoint import open_checkpoint, tokenizer_record
 from lmlab.models.config import TransformerConfig
 from lmlab.models.moe import clear_router_records, collect_router_losses, load_metrics, moe_modules
 from lmlab.modules.data_contract import StageData, require
-from lmlab.modules.optim import TrainingSettings, build_optimizer, make_lr_lambda
+from lmlab.modules.optim import TrainingSettings, build_optimizer, make_lr_lambda, resolve_compile
 from lmlab.modules.progress import count_progress_in_optimizer_steps
 
 __all__ = ["LMModuleBase", "RunMetadata", "StepResult", "split_batch", "add_up"]
@@ -145,6 +145,7 @@ class LMModuleBase(pl.LightningModule):
         #: one dict of validation metrics (and its ``step``) per validation run
         self.val_history: list[dict[str, Any]] = []
         self._last_step_time: Optional[float] = None
+        self._interval_tokens = 0
         self._last_grad_norm: Optional[torch.Tensor] = None
         self.model: nn.Module = self.build_model()
         if init_from:
@@ -204,14 +205,29 @@ class LMModuleBase(pl.LightningModule):
         # a run started from a checkpoint keeps its tokenizer on record even when fitted without a DataModule
         self._tokenizer_record = _tokenizer_meta(ckpt.meta)
 
+    def apply_compile(self, stage: str) -> None:
+        """Compile as ``settings.compile`` asks (see :func:`~lmlab.modules.optim.resolve_compile`)."""
+        trainer = self._trainer
+        max_steps = trainer.max_steps if trainer is not None and stage == "fit" else None
+        mode = resolve_compile(self.settings.compile, self.device, max_steps)
+        if self.settings.compile == "auto" and trainer is not None and not _plain_strategy(trainer.strategy):
+            # sharded strategies (FSDP, tensor/pipeline parallel, DeepSpeed) rewrap the blocks after setup:
+            # compiling under them stays an explicit choice
+            mode = "eager"
+        if mode == "model" and self._compiled is None:
+            self._compiled = torch.compile(self.model)
+        elif mode == "blocks":
+            for module in self.model.modules():
+                if hasattr(module, "compile_blocks") and not module._compiled_blocks:
+                    module.compile_blocks()
+
     @property
     def net(self) -> nn.Module:
         """The model to call: compiled when ``compile`` is set."""
         return self._compiled if self._compiled is not None else self.model
 
     def setup(self, stage: str) -> None:
-        if self.settings.compile and self._compiled is None:
-            self._compiled = torch.compile(self.model)
+        self.apply_compile(stage)
         dm = self.trainer.datamodule if self._trainer is not None else None
         if dm is not None:
             self.attach_data(dm)
@@ -262,10 +278,22 @@ class LMModuleBase(pl.LightningModule):
             return None
         outputs = self.optimization_step(self.micro_batches(batch), normaliser)
         result = self.training_metrics(batch, outputs, normaliser)
-        self.log("train/loss", result.loss, prog_bar=True, on_step=True, on_epoch=False)
-        self.log_dict(result.metrics, on_step=True, on_epoch=False)
+        if self.is_logging_step():
+            # Lightning turns logged tensors into numbers (a host sync each) for the loggers and the
+            # progress bar: only on the steps the loggers write keeps the device running ahead
+            self.log("train/loss", result.loss, prog_bar=True, on_step=True, on_epoch=False)
+            self.log_dict(result.metrics, on_step=True, on_epoch=False)
         self.log_step_stats(result.tokens)
         return {"loss": result.loss}
+
+    def is_logging_step(self) -> bool:
+        """Whether the loggers write this step's metrics (every ``log_every_n_steps``, and the last step)."""
+        trainer = self._trainer
+        if trainer is None:
+            return True
+        if trainer.fast_dev_run or trainer.is_last_batch or trainer._logger_connector.should_update_logs:
+            return True
+        return trainer.max_steps is not None and trainer.max_steps > 0 and self.global_step >= trainer.max_steps
 
     def optimization_step(self, micro_batches: Sequence[Any], normaliser: Any) -> list[dict[str, Any]]:
         """One optimizer update over ``micro_batches``; returns each micro-batch's outputs.
@@ -336,20 +364,27 @@ class LMModuleBase(pl.LightningModule):
         # tensor-parallel ranks share their data: tokens scale with data-parallel replicas only
         global_tokens = tokens_this_step * data_parallel_rank_and_size(self.trainer)[1]
         self.tokens_seen += global_tokens
+        if self._last_step_time is None:
+            # throughput counts from the end of the first step, which holds compilation and warm-up
+            self._last_step_time, self._interval_tokens = now, 0
+        else:
+            self._interval_tokens += global_tokens
+        if not self.is_logging_step():
+            return
         opt = self.optimizers()
         lr = opt.param_groups[0]["lr"] if opt is not None else 0.0
         stats = {"train/lr": float(lr), "train/tokens_seen": float(self.tokens_seen)}
         if self._last_grad_norm is not None:
             stats["train/grad_norm"] = float(self._last_grad_norm)
-        if self._last_step_time is not None:
-            dt = now - self._last_step_time
-            tps = global_tokens / max(dt, 1e-9)
+        if self._interval_tokens:
+            # mean over the steps since the last logged one: no per-step timing or sync needed
+            tps = self._interval_tokens / max(now - self._last_step_time, 1e-9)
             stats["perf/tokens_per_sec"] = tps
             fpt = self.flops_per_token()
             peak = self.settings.peak_flops_per_device or detect_peak_flops(self.device, self.trainer.precision if self.trainer else None)
             if fpt and peak:
                 stats["perf/mfu"] = fpt * tps / (peak * world)
-        self._last_step_time = now
+            self._last_step_time, self._interval_tokens = now, 0
         self.log_dict(stats, on_step=True, on_epoch=False, rank_zero_only=True)
 
     def record_validation(self, metrics: dict[str, Any]) -> None:
@@ -414,6 +449,11 @@ class LMModuleBase(pl.LightningModule):
         self.tokens_seen = int(meta.get("tokens_seen", 0))
         if "torch_rng_state" in meta:
             torch.set_rng_state(meta["torch_rng_state"])
+
+
+def _plain_strategy(strategy) -> bool:
+    """Single-device or DDP: strategies that leave the blocks as they are."""
+    return type(strategy).__name__ in ("SingleDeviceStrategy", "DDPStrategy")
 
 
 def _tokenizer_meta(meta: dict) -> dict:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 import torch
 from torch import nn
@@ -43,7 +43,8 @@ class OptimizerConfig:
         weight_decay: Decoupled weight decay, applied to weight matrices only.
         decay_embeddings: Also decay embedding tables.
         decay_norms_and_biases: Also decay norm gains and biases.
-        fused: Use the fused kernel (default: on CUDA), else foreach.
+        fused: Use the fused AdamW kernel (default: on, on CPU and CUDA, for
+            plain tensors; foreach for sharded DTensor parameters).
         momentum: SGD momentum.
     """
 
@@ -92,7 +93,17 @@ class TrainingSettings:
         optimizer: AdamW (or SGD) settings; weight decay only on matrices.
         schedule: Learning-rate schedule over optimizer steps.
         gradient_clip_val: Clip the global gradient norm to this (0: off).
-        compile: ``torch.compile`` the trained network.
+        compile: ``blocks``: compile each transformer block on its own
+            (regional compilation; one block's compile time, the eager model
+            around it); ``model`` (or ``true``): the whole network; ``false``:
+            eager; ``auto`` (default): ``blocks`` for fitting runs of at least
+            ``COMPILE_AUTO_MIN_STEPS`` optimizer steps, where the one-off
+            compile is repaid, else eager (see :func:`resolve_compile`).
+        fused_cross_entropy: Compute the loss with the vocabulary projection
+            in chunks of rows (:func:`~lmlab.models.losses.linear_cross_entropy`),
+            never holding the full logits; ``auto`` (default): for vocabularies
+            of at least ``FUSED_CE_AUTO_MIN_VOCAB`` tokens, where the logits
+            dominate activation memory. Stages that support it: pretraining.
         peak_flops_per_device: Peak FLOP/s for MFU; default looked up from the
             device name (none on CPU, so MFU is logged only when this is set).
     """
@@ -100,13 +111,42 @@ class TrainingSettings:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     gradient_clip_val: float = 1.0
-    compile: bool = False
+    compile: Union[bool, Literal["auto", "blocks", "model"]] = "auto"
+    fused_cross_entropy: Union[bool, Literal["auto"]] = "auto"
     peak_flops_per_device: Optional[float] = None
 
 
 def _warming(t: int, warmup: int, start: float) -> float:
     """Linear warmup from ``start`` (at t = 0) to 1 (at t = warmup); exactly ``t / warmup`` for start 0."""
     return t / warmup if start == 0 else start + (1.0 - start) * (t / warmup)
+
+
+#: fitting runs at least this long compile their blocks under ``compile: auto``: the compile
+#: (about 10-40 s on 2 CPU cores, a few seconds once Inductor's cache is warm) is then a small
+#: share of the run, while short runs (smoke tests, sweeps of tiny runs) start at once
+COMPILE_AUTO_MIN_STEPS = 1000
+
+
+#: ``fused_cross_entropy: auto`` turns on at this padded vocabulary size (fp32 logits of 32k
+#: tokens x 32k vocab are 4 GiB, more than the rest of a small model's activations)
+FUSED_CE_AUTO_MIN_VOCAB = 32768
+
+
+def resolve_compile(setting, device: torch.device, max_steps: Optional[int]) -> str:
+    """``"blocks"``, ``"model"`` or ``"eager"`` for a ``compile`` setting on ``device``.
+
+    ``max_steps`` is the fitting run's length (``None`` outside ``fit``).
+    """
+    if setting is True or setting == "model":
+        return "model"
+    if setting == "blocks":
+        return "blocks"
+    if setting == "auto":
+        long_run = max_steps is not None and max_steps >= COMPILE_AUTO_MIN_STEPS
+        return "blocks" if long_run and device.type in ("cpu", "cuda") else "eager"
+    if setting is False:
+        return "eager"
+    raise ConfigError("model.settings.compile", f"unknown value {setting!r}", "use auto, blocks, model, true or false")
 
 
 def inverse_sqrt(t: int, warmup: int, start: float = 0.0) -> float:
@@ -237,8 +277,10 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig, cpu_offload: bool = 
 
         return DeepSpeedCPUAdam(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, adamw_mode=True)
     if cfg.name == "adamw":
-        on_cuda = any(p.is_cuda for g in groups for p in g["params"])
-        fused = on_cuda if cfg.fused is None else cfg.fused
+        # the fused kernel (one pass per parameter, CPU and CUDA since torch 2.4) beats foreach's
+        # several passes; sharded DTensor parameters keep foreach, which every placement supports
+        sharded = any(hasattr(p, "device_mesh") for g in groups for p in g["params"])
+        fused = not sharded if cfg.fused is None else cfg.fused
         kwargs = {"fused": True} if fused else {"foreach": True}
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, **kwargs)
     if cfg.name == "sgd":

@@ -13,10 +13,11 @@ from lmlab.distributed.hooks import data_parallel_rank_and_size
 from lmlab.models.config import TransformerConfig
 from lmlab.models.counting import count_params, flops_per_token, training_flops
 from lmlab.models.heads import CausalLM
+from lmlab.models.losses import linear_cross_entropy
 from lmlab.models.transformer import documents_from_eos
 from lmlab.modules.base import LMModuleBase, StepResult, add_up
 from lmlab.modules.data_contract import PretrainData
-from lmlab.modules.optim import TrainingSettings
+from lmlab.modules.optim import FUSED_CE_AUTO_MIN_VOCAB, TrainingSettings
 
 LN2 = math.log(2.0)
 
@@ -99,15 +100,33 @@ class PretrainModule(LMModuleBase):
         )
 
     # -- loss -----------------------------------------------------------------------
-    def _nll(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-token NLL (B, T) and targets for a (B, T+1) window batch."""
+    def uses_fused_cross_entropy(self) -> bool:
+        """Whether the loss skips the full logits (see ``settings.fused_cross_entropy``).
+
+        Needs the LM head's whole weight outside its forward: not with a whole-model
+        compile, or parameters sharded by FSDP/tensor parallelism/ZeRO-3.
+        """
+        setting = self.settings.fused_cross_entropy
+        wanted = setting is True or (setting == "auto" and self.config.padded_vocab_size >= FUSED_CE_AUTO_MIN_VOCAB)
+        if not wanted or self._compiled is not None:
+            return False
+        weight = self.model.lm_head.weight
+        return not hasattr(weight, "device_mesh") and not hasattr(weight, "ds_id")
+
+    def _nll(self, tokens: torch.Tensor, normaliser: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-token NLL (B, T), targets, and the loss ``nll.sum() / normaliser`` for a (B, T+1) window batch."""
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
         doc_ids = None
         if not self.config.cross_document_attention and self.eos_id is not None:
             doc_ids = documents_from_eos(inputs, self.eos_id)
+        if self.uses_fused_cross_entropy():
+            hidden = self.model.backbone(inputs, doc_ids=doc_ids)
+            loss, nll = linear_cross_entropy(hidden, self.model.lm_head.weight, targets, normaliser)
+            return nll, targets, loss
         logits = self.net(inputs, doc_ids=doc_ids)
-        nll = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
-        return nll.view_as(targets), targets
+        # cross_entropy runs in fp32 under autocast anyway; casting here keeps fp32 for bf16-true runs
+        nll = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
+        return nll, targets, nll.sum() / normaliser
 
     def _bytes(self, targets: torch.Tensor) -> torch.Tensor:
         if self.token_bytes.numel() == 0:
@@ -119,8 +138,8 @@ class PretrainModule(LMModuleBase):
         return batch["tokens"][:, 1:].numel()
 
     def micro_batch_loss(self, micro_batch: dict, normaliser: int):
-        nll, targets = self._nll(micro_batch["tokens"])
-        return nll.sum() / normaliser, {"nll": nll.detach().sum(), "bytes": self._bytes(targets).float()}
+        nll, targets, loss = self._nll(micro_batch["tokens"], normaliser)
+        return loss, {"nll": nll.detach().sum(), "bytes": self._bytes(targets).float()}
 
     def training_metrics(self, batch: dict, outputs: list, normaliser: int) -> StepResult:
         sums = add_up(outputs)
@@ -140,7 +159,7 @@ class PretrainModule(LMModuleBase):
         self._val_sums = {}
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int, dataloader_idx: int = 0) -> None:
-        nll, targets = self._nll(batch)
+        nll, targets, _ = self._nll(batch)
         sums = torch.stack([nll.sum().double(), torch.tensor(float(nll.numel()), device=self.device).double(),
                             self._bytes(targets).double()])
         self._val_sums[dataloader_idx] = self._val_sums.get(dataloader_idx, torch.zeros(3, dtype=torch.float64, device=self.device)) + sums
@@ -174,7 +193,7 @@ class PretrainModule(LMModuleBase):
 
     def predict_step(self, batch: torch.Tensor, batch_idx: int, dataloader_idx: int = 0) -> dict:
         """Per-window mean NLL and bits per byte (``lmlab predict`` over the validation windows)."""
-        nll, targets = self._nll(batch)
+        nll, targets, _ = self._nll(batch)
         nbytes = self.token_bytes[targets.clamp(max=max(self.token_bytes.numel() - 1, 0))].sum(1) if self.token_bytes.numel() else None
         out = {"nll": nll.mean(1), "source": dataloader_idx}
         if nbytes is not None:

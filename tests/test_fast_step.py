@@ -1,0 +1,196 @@
+"""The fast training step: regional compilation, fused AdamW, fused cross-entropy, logging-step-only metrics."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers import LossRecorder, corpus_sources, make_trainer, write_corpus
+from lmlab.data import PretrainDataModule, TokenizerTrainConfig
+from lmlab.errors import ConfigError
+from lmlab.models import CausalLM, TransformerConfig
+from lmlab.models.losses import linear_cross_entropy
+from lmlab.modules import OptimizerConfig, PretrainModule, ScheduleConfig, TrainingSettings
+from lmlab.modules.optim import COMPILE_AUTO_MIN_STEPS, build_optimizer, resolve_compile
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fast_step")
+    write_corpus(root / "corpus")
+    return root
+
+
+def make_dm(workdir):
+    return PretrainDataModule(
+        sources=corpus_sources(workdir / "corpus"), tokenizer=str(workdir / "tok"),
+        tokenizer_train=TokenizerTrainConfig(vocab_size=320, sample_chars=200_000), seq_len=32, batch_size=8,
+        val_fraction=0.05, val_max_windows=8, cache_dir=str(workdir / "cache"), seed=7,
+    )
+
+
+def make_module(**settings):
+    cfg = TransformerConfig(vocab_size=320, d_model=32, n_layers=2, n_heads=4, max_seq_len=64)
+    settings.setdefault("compile", False)
+    return PretrainModule(cfg, settings=TrainingSettings(
+        optimizer=OptimizerConfig(lr=3e-3), schedule=ScheduleConfig(name="cosine", warmup_steps=3), **settings))
+
+
+def run(workdir, tmp_path, steps, seed=1, stop_at=None, ckpt=None, **settings):
+    pl.seed_everything(seed)
+    rec = LossRecorder(stop_at=stop_at)
+    trainer = make_trainer(tmp_path, steps, [rec])
+    trainer.fit(make_module(**settings), datamodule=make_dm(workdir), ckpt_path=ckpt)
+    return rec.losses, trainer
+
+
+# -- fused cross-entropy ---------------------------------------------------------------------
+@pytest.mark.parametrize("autocast", [False, True])
+def test_linear_cross_entropy_matches_the_plain_loss_and_gradients(autocast):
+    torch.manual_seed(0)
+    h = torch.randn(3, 40, 16, requires_grad=True)
+    w = torch.randn(300, 16, requires_grad=True)
+    t = torch.randint(0, 300, (3, 40))
+    t[0, :5] = -100  # ignored positions contribute nothing
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss, nll = linear_cross_entropy(h, w, t, normaliser=97, chunk_rows=7)
+        ref_nll = F.cross_entropy((h @ w.t()).float().flatten(0, 1), t.flatten(), reduction="none").view_as(t)
+        ref = ref_nll.sum() / 97
+    assert nll.shape == t.shape and not nll.requires_grad
+    assert float(nll[0, :5].abs().max()) == 0.0
+    gh, gw = torch.autograd.grad(2.5 * loss, (h, w))
+    rh, rw = torch.autograd.grad(2.5 * ref, (h, w))
+    # bf16 rounds the logits and their gradient; fp32 agrees to float rounding
+    tol = dict(rtol=2e-2, atol=2e-2 * float(rw.abs().max())) if autocast else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss, ref, rtol=1e-5 if not autocast else 1e-3, atol=0)
+    torch.testing.assert_close(nll, ref_nll, rtol=1e-5, atol=1e-4 if autocast else 1e-5)
+    torch.testing.assert_close(gh, rh, **tol)
+    torch.testing.assert_close(gw, rw, **tol)
+
+
+def test_fused_cross_entropy_pretraining_follows_the_plain_loss(workdir, tmp_path):
+    plain, _ = run(workdir, tmp_path / "a", 6, fused_cross_entropy=False)
+    fused, trainer = run(workdir, tmp_path / "b", 6, fused_cross_entropy=True)
+    assert trainer.lightning_module.uses_fused_cross_entropy()
+    assert sorted(fused) == list(range(6))
+    for s in range(6):
+        assert fused[s] == pytest.approx(plain[s], rel=1e-5), (s, fused[s], plain[s])
+
+
+def test_fused_cross_entropy_is_automatic_for_large_vocabularies_only():
+    small = PretrainModule(TransformerConfig(vocab_size=320, d_model=16, n_layers=1, n_heads=2, max_seq_len=16))
+    large = PretrainModule(TransformerConfig(vocab_size=32768, d_model=16, n_layers=1, n_heads=2, max_seq_len=16))
+    assert not small.uses_fused_cross_entropy() and large.uses_fused_cross_entropy()
+    whole = PretrainModule(large.config, settings=TrainingSettings(compile="model"))
+    whole._compiled = torch.compile(whole.model)  # a whole-model compile calls the head itself
+    assert not whole.uses_fused_cross_entropy()
+
+
+# -- fused AdamW -------------------------------------------------------------------------------
+def test_adamw_is_fused_on_cpu_by_default_and_matches_foreach():
+    torch.manual_seed(0)
+    models = [CausalLM(TransformerConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=2, max_seq_len=8)) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    fused = build_optimizer(models[0], OptimizerConfig(lr=1e-2))
+    foreach = build_optimizer(models[1], OptimizerConfig(lr=1e-2, fused=False))
+    assert fused.defaults["fused"] is True and foreach.defaults["foreach"] is True
+    x = torch.randint(0, 64, (2, 8))
+    for _ in range(3):
+        for model, opt in zip(models, (fused, foreach)):
+            model(x).float().logsumexp(-1).mean().backward()
+            opt.step()
+            opt.zero_grad()
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+# -- compilation ------------------------------------------------------------------------------
+def test_resolve_compile_modes():
+    cpu = torch.device("cpu")
+    assert resolve_compile("auto", cpu, COMPILE_AUTO_MIN_STEPS) == "blocks"
+    assert resolve_compile("auto", cpu, COMPILE_AUTO_MIN_STEPS - 1) == "eager"
+    assert resolve_compile("auto", cpu, None) == "eager"
+    assert resolve_compile(True, cpu, 5) == "model" and resolve_compile("model", cpu, 5) == "model"
+    assert resolve_compile("blocks", cpu, 5) == "blocks" and resolve_compile(False, cpu, 10**6) == "eager"
+    with pytest.raises(ConfigError, match="model.settings.compile"):
+        resolve_compile("fast", cpu, 5)
+
+
+def test_compiled_blocks_follow_eager_losses_and_resume_exactly(workdir, tmp_path):
+    steps, cut = 6, 3
+    eager, _ = run(workdir, tmp_path / "eager", steps, compile=False)
+    full, trainer = run(workdir, tmp_path / "full", steps, compile="blocks")
+    backbone = trainer.lightning_module.model.backbone
+    assert len(backbone._compiled_blocks) == 2
+    # compiled views add no state-dict keys: checkpoints load into eager models
+    assert all("_orig_mod" not in k for k in trainer.lightning_module.model.state_dict())
+    for s in range(steps):
+        assert full[s] == pytest.approx(eager[s], rel=1e-4), (s, full[s], eager[s])
+
+    first, t1 = run(workdir, tmp_path / "cut", steps, stop_at=cut, compile="blocks")
+    ckpt = tmp_path / "cut.ckpt"
+    t1.save_checkpoint(ckpt)
+    second, _ = run(workdir, tmp_path / "resumed", steps, seed=999, ckpt=str(ckpt), compile="blocks")
+    assert sorted(second) == list(range(cut, steps))
+    for s in range(cut, steps):
+        assert second[s] == full[s], (s, second[s], full[s])
+
+
+def test_kv_cache_decoding_keeps_the_eager_blocks():
+    torch.manual_seed(0)
+    model = CausalLM(TransformerConfig(vocab_size=64, d_model=16, n_layers=2, n_heads=2, max_seq_len=16)).eval()
+    x = torch.randint(0, 64, (1, 6))
+    expected = model(x)
+    calls = []
+    model.backbone.compile_blocks()
+    model.backbone._compiled_blocks = [lambda *a, _b=b: calls.append(1) or _b(*a) for b in model.backbone.blocks]
+    from lmlab.models.transformer import KVCache
+
+    cache = KVCache.allocate(model.config, 1, 16, x.device, torch.float32)
+    with torch.no_grad():
+        cached = model(x, cache=cache)
+    assert calls == []  # the cache path never touched the compiled views
+    torch.testing.assert_close(cached, expected.detach(), rtol=1e-5, atol=1e-5)
+    model(x)
+    assert len(calls) == 2
+
+
+# -- logging ------------------------------------------------------------------------------------
+def test_step_metrics_are_logged_on_logging_steps_only(workdir, tmp_path):
+    logged = []
+
+    class Spy(LossRecorder):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+            logged.append("train/lr" in pl_module._logged_this_step)
+
+    module = make_module()
+    original = module.log_dict
+
+    def log_dict(metrics, *a, **kw):
+        module._logged_this_step.update(metrics)
+        return original(metrics, *a, **kw)
+
+    module.log_dict = log_dict
+    module.on_train_batch_start = lambda *a: setattr(module, "_logged_this_step", {})
+    pl.seed_everything(1)
+    spy = Spy()
+    trainer = make_trainer(tmp_path, 7, [spy], log_every_n_steps=3)
+    trainer.fit(module, datamodule=make_dm(workdir))
+    # steps 3 and 6 (log_every_n_steps) and the last one; the loss still comes back every step
+    assert logged == [False, False, True, False, False, True, True]
+    assert sorted(spy.losses) == list(range(7))
+    assert float(trainer.callback_metrics["train/tokens_seen"]) == 7 * 8 * 32
+
+
+def test_auto_compiles_the_blocks_of_long_single_device_runs_only(tmp_path):
+    def compiled_blocks(max_steps):
+        module = PretrainModule(TransformerConfig(vocab_size=64, d_model=16, n_layers=2, n_heads=2, max_seq_len=8))
+        module.trainer = make_trainer(tmp_path, max_steps)
+        module.apply_compile("fit")
+        return len(module.model.backbone._compiled_blocks)
+
+    assert compiled_blocks(COMPILE_AUTO_MIN_STEPS) == 2
+    assert compiled_blocks(COMPILE_AUTO_MIN_STEPS - 1) == 0
