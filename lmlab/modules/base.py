@@ -214,6 +214,11 @@ class LMModuleBase(pl.LightningModule):
             # sharded strategies (FSDP, tensor/pipeline parallel, DeepSpeed) rewrap the blocks after setup:
             # compiling under them stays an explicit choice
             mode = "eager"
+        config = getattr(self.model, "config", None)
+        if self.settings.compile == "auto" and getattr(config, "moe_experts", 0):
+            # expert widths change with the routing every step: the graph breaks and recompiles there
+            # would cost more than compiling gains, so MoE backbones compile only when asked ("blocks")
+            mode = "eager"
         if mode == "model" and self._compiled is None:
             self._compiled = torch.compile(self.model)
         elif mode == "blocks":
