@@ -131,25 +131,7 @@ def to_hf_config(
     elif arch == "llama":
         from transformers import LlamaConfig
 
-        hf = LlamaConfig(
-            vocab_size=config.vocab_size,
-            hidden_size=config.d_model,
-            intermediate_size=config.hidden_dim,
-            num_hidden_layers=config.n_layers,
-            num_attention_heads=config.n_heads,
-            num_key_value_heads=config.kv_heads,
-            head_dim=config.head_dim,
-            hidden_act="silu",
-            max_position_embeddings=config.max_seq_len,
-            rms_norm_eps=config.norm_eps,
-            rope_theta=config.rope_theta,
-            attention_bias=config.bias,
-            mlp_bias=config.bias,
-            attention_dropout=config.dropout,
-            tie_word_embeddings=config.tie_embeddings,
-            initializer_range=config.init_std,
-            **ids,
-        )
+        hf = LlamaConfig(**_llama_fields(config), attention_bias=config.bias, mlp_bias=config.bias, **ids)
         hf.architectures = ["LlamaForCausalLM"]
     else:
         from transformers import GPT2Config
@@ -182,10 +164,9 @@ def to_hf_config(
     return hf
 
 
-def _mistral_config(config: TransformerConfig, ids: dict):
-    from transformers import MistralConfig
-
-    hf = MistralConfig(
+def _llama_fields(config: TransformerConfig) -> dict:
+    """The config fields LLaMA-family classes (Llama, Mistral) share, from lmlab's config."""
+    return dict(
         vocab_size=config.vocab_size,
         hidden_size=config.d_model,
         intermediate_size=config.hidden_dim,
@@ -197,12 +178,16 @@ def _mistral_config(config: TransformerConfig, ids: dict):
         max_position_embeddings=config.max_seq_len,
         rms_norm_eps=config.norm_eps,
         rope_theta=config.rope_theta,
-        sliding_window=config.sliding_window,
         attention_dropout=config.dropout,
         tie_word_embeddings=config.tie_embeddings,
         initializer_range=config.init_std,
-        **ids,
     )
+
+
+def _mistral_config(config: TransformerConfig, ids: dict):
+    from transformers import MistralConfig
+
+    hf = MistralConfig(**_llama_fields(config), sliding_window=config.sliding_window, **ids)
     hf.architectures = ["MistralForCausalLM"]
     return hf
 
