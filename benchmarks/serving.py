@@ -214,6 +214,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1,
                     help="intra-op threads of each server process (torch, BLAS, OpenMP), the same for both; the "
                          "client threads of the load run on the same cores")
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                    help="run lmlab serve with --compile (its decode step through torch.compile, warmed up before "
+                         "it listens)")
     ap.add_argument("--check_generate", action="store_true",
                     help="also compare lmlab's outputs with transformers' generate on each prompt (no server)")
     ap.add_argument("--out", help="write the results as JSON here")
@@ -255,7 +258,8 @@ def main() -> None:
         port = free_port()
         lm_url = f"http://127.0.0.1:{port}"
         procs.append(start([sys.executable, "-m", "lmlab.cli", "serve", "--ckpt", str(model_dir), "--port", str(port),
-                            "--model_name", "bench", "--max_batch", str(args.clients), "--device", "cpu"], lm_url, env,
+                            "--model_name", "bench", "--max_batch", str(args.clients), "--device", "cpu"]
+                           + (["--compile", "true"] if args.compile else []), lm_url, env,
                            tmp / "lmlab-serve.log"))
         lm_proc = procs[-1]
         run_load(lm_url, "bench", prompts[:2], 1, 8, tok)  # warm-up
@@ -310,7 +314,8 @@ def main() -> None:
     if args.transformers:
         report_ratio(f"lmlab / {hf_name} throughput at {args.clients} clients", many and many["tok_s"], hf and hf["tok_s"],
                      "same export, requests, client and thread pinning; lmlab: FastAPI + uvicorn and its "
-                     "continuous-batching engine over one KV cache; transformers: its own server and generation loop",
+                     "continuous-batching engine over one KV cache" + (", decode step compiled" if args.compile else "")
+                     + "; transformers: its own server and generation loop",
                      failed=failed.get(hf_name))
     if many and hf and many.get("cpu_ms_tok") and hf.get("cpu_ms_tok"):
         report_ratio(f"lmlab / {hf_name} CPU time per output token at {args.clients} clients", many["cpu_ms_tok"],

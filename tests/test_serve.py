@@ -298,9 +298,13 @@ def test_lmlab_chat_streams_turns_resets_and_drops_old_turns(tmp_path_factory):
     assert r.returncode == 2 and r.stderr.strip() == "lmlab serve: error: --max_batch: must be at least 1, got 0 (use a positive number)"
 
 
-def test_engine_continuous_batching_matches_unbatched_generate(tmp_path_factory):
+@pytest.mark.parametrize("compile", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["eager", "compiled"])
+def test_engine_continuous_batching_matches_unbatched_generate(tmp_path_factory, compile):
     """Rows leave and join between steps, and prompts longer than the shared column force shifts of the cache:
-    every sequence still equals its unbatched greedy output, and the steps taken show real batching."""
+    every sequence still equals its unbatched greedy output, and the steps taken show real batching. Compiled,
+    the warm-up covers every shape serving meets (down to one row): nothing compiles after it."""
+    from torch._dynamo.utils import counters
+
     from lmlab.models.checkpoint import open_checkpoint
     from lmlab.serving.engine import Engine, GenerationRequest, SamplingParams
     from lmlab.serving.prompts import Prompter
@@ -308,7 +312,9 @@ def test_engine_continuous_batching_matches_unbatched_generate(tmp_path_factory)
     ck = open_checkpoint(write_model(tmp_path_factory.mktemp("engine"), max_seq_len=64))
     model, tok = ck.causal_lm(), ck.tokenizer()
     prompter = Prompter(tok)
-    engine = Engine(model, tok, max_batch=4, max_queue=64)
+    engine = Engine(model, tok, max_batch=4, max_queue=64, compile=compile)
+    assert engine.compiled == compile
+    graphs = counters["stats"]["unique_graphs"]
     shifts = []
     shift = engine._shift
     engine._shift = lambda d: (d and shifts.append(d), shift(d))
@@ -323,6 +329,7 @@ def test_engine_continuous_batching_matches_unbatched_generate(tmp_path_factory)
     assert engine.max_rows_seen == 4
     assert engine.steps < sum(budgets) / 2  # several sequences per decode step
     assert any(d < 0 for d in shifts) and any(d > 0 for d in shifts)
+    assert counters["stats"]["unique_graphs"] == graphs
 
 
 def test_streamed_text_decoded_in_windows_equals_the_full_decode(model_dir):

@@ -18,6 +18,16 @@ Between decode steps the scheduler
 Sampling is per request (temperature, top-k, top-p, seed), with the same
 arithmetic as ``generate``, so greedy outputs match it token for token.
 
+With ``compile=True`` the decode step runs through ``torch.compile`` (dynamic
+shapes: the batch and the attended span change every step). Inductor fuses the
+norms, rotary embedding and elementwise ops of the small per-token graph, which
+eager mode runs op by op. The compile happens in the constructor, on dummy rows
+(a warm-up no request waits for), and the step always runs at least two rows
+(a spare free row when one is active) so a lone sequence does not trigger the
+size-1 specialization and a second compile mid-serving. Compiled kernels sum
+in another order than eager ones, so logits can differ in the last bits from
+``generate``; greedy outputs agree unless two tokens tie that closely.
+
 Sliding-window models keep the full-length cache here and apply the window in
 the attention mask (a row's tokens occupy contiguous columns, so column
 distance is token distance); linear-attention models are refused.
@@ -108,9 +118,12 @@ class Engine:
         tokenizer: Its tokenizer (decodes the generated text).
         max_batch: Sequences decoded together (rows of the KV cache).
         max_queue: Requests allowed to wait for a row; :meth:`submit` raises :class:`QueueFull` beyond it.
+        compile: Compile the decode step with ``torch.compile`` (see the module docstring); ignored when
+            ``max_batch`` is 1, which has no spare row.
     """
 
-    def __init__(self, model: torch.nn.Module, tokenizer: Any, max_batch: int = 16, max_queue: int = 256):
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, max_batch: int = 16, max_queue: int = 256,
+                 compile: bool = False):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.config = model.config
@@ -139,6 +152,24 @@ class Engine:
         self.steps = 0
         self.max_rows_seen = 0
         self.finished: dict[str, int] = {}  # finish reason -> sequences
+        self.compiled = compile and max_batch > 1
+        self._decode_model = self.model
+        if self.compiled:
+            self._decode_model = torch.compile(self.model, dynamic=True)
+            self._warm_up()
+
+    def _warm_up(self) -> None:
+        """Compile the decode step on dummy rows at a few shapes, then clear the cache they wrote."""
+        started = time.perf_counter()
+        with torch.inference_mode():
+            for n, floor, length in ((2, 0, 2), (3, 1, 5), (2, 2, 9)):
+                self.mask[:n, floor : length + 1] = 1
+                self._decode(torch.zeros((n, 1), dtype=torch.long, device=self.device),
+                             torch.zeros((n, 1), dtype=torch.long, device=self.device), n, floor, length)
+            for t in self.cache.keys + self.cache.values:
+                t.zero_()
+            self.mask.zero_()
+        self.warm_up_seconds = time.perf_counter() - started
 
     # -- submitting ----------------------------------------------------------------------------
     def check(self, prompt_len: int, max_tokens: int) -> Optional[str]:
@@ -212,17 +243,28 @@ class Engine:
         n, L = len(self.rows), self.length
         # columns left of the earliest row start are padding for every row: attention skips them
         floor = min(r._start for r in self.rows)
-        tokens = torch.tensor([[r._last] for r in self.rows], device=self.device)
-        positions = torch.tensor([[r._pos] for r in self.rows], device=self.device)
+        last = [r._last for r in self.rows]
+        pos = [r._pos for r in self.rows]
+        if self.compiled and n == 1:
+            # a spare free row (mask all zero; it sees only its own dummy token) keeps the compiled shapes
+            last, pos = last + [self.pad_id], pos + [0]
+        tokens = torch.tensor(last, device=self.device)[:, None]
+        positions = torch.tensor(pos, device=self.device)[:, None]
         self.mask[:n, L] = 1
-        view = KVCache([k[:n, :, floor:] for k in self.cache.keys], [v[:n, :, floor:] for v in self.cache.values], L - floor)
-        logits = self.model(tokens, position_ids=positions, attention_mask=self.mask[:n, floor : L + 1], cache=view)[:, -1]
+        logits = self._decode(tokens, positions, len(last), floor, L)[:n]
         self.length = L + 1
         self.steps += 1
         tokens = self._sample_rows(self.rows, logits)
         for r, token in zip(self.rows, tokens):
             r._pos += 1
             self._accept(r, token)
+
+    def _decode(self, tokens: torch.Tensor, positions: torch.Tensor, n: int, floor: int, length: int) -> torch.Tensor:
+        """Last-position logits of rows ``:n``, whose cache holds columns ``floor:length``."""
+        view = KVCache([k[:n, :, floor:] for k in self.cache.keys], [v[:n, :, floor:] for v in self.cache.values],
+                       length - floor)
+        mask = self.mask[:n, floor : length + 1]
+        return self._decode_model(tokens, position_ids=positions, attention_mask=mask, cache=view)[:, -1]
 
     def _sample_rows(self, rows: list[GenerationRequest], logits: torch.Tensor) -> list[int]:
         """One token per row: greedy rows share one argmax over the batch, sampled rows draw on their own."""
