@@ -13,6 +13,8 @@ the strategy-aware accumulation and clipping hooks are what is compared:
 
 from __future__ import annotations
 
+import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -38,7 +40,13 @@ def _checkpoints(ckpt_dir: Path) -> list:
 
 def _fit(tmp: Path, corpus: Path, yaml_name: str, *flags: str, **overrides) -> dict:
     cfg = tiny_config(tmp, corpus, **{**COMMON, **overrides})
-    r = run_cli("fit", "--config", str(cfg), "--config", str(STRATEGIES / yaml_name), *CPU2, *flags)
+    args = ("fit", "--config", str(cfg), "--config", str(STRATEGIES / yaml_name), *CPU2, *flags)
+    r = run_cli(*args)
+    if r.returncode == -signal.SIGABRT and "terminate called without an active exception" in r.stderr[-300:]:
+        # DeepSpeed's ZeRO-3 offload threads now and then abort the interpreter's exit after training
+        # finished (a C++ thread still joinable at teardown); the run itself is repeated from scratch once
+        shutil.rmtree(tmp / "run", ignore_errors=True)
+        r = run_cli(*args)
     assert r.returncode == 0, r.stderr[-3000:]
     return {name: dict(read_metric(tmp / "run", f"train/{name}")) for name in ("loss", "grad_norm")}
 
