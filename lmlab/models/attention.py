@@ -59,10 +59,9 @@ class RingKVCache:
 
     @classmethod
     def allocate(cls, config: TransformerConfig, batch_size: int, max_len: int, device, dtype) -> "RingKVCache":
-        shape = (batch_size, config.kv_heads, min(config.sliding_window, max_len), config.head_dim)
-        keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
-        values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
-        return cls(keys, values, 0)
+        # the same per-layer buffers as a full cache, only window-long
+        full = KVCache.allocate(config, batch_size, min(config.sliding_window, max_len), device, dtype)
+        return cls(full.keys, full.values, 0)
 
     @property
     def capacity(self) -> int:
