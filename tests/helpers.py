@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import random
+import socket
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -99,3 +100,10 @@ FSDP2 = ["--trainer.strategy.init_args.tensor_parallel_size=1", "--trainer.strat
          "--trainer.strategy.init_args.param_dtype=float32"]
 TP2 = ["--trainer.strategy.init_args.tensor_parallel_size=2", "--trainer.strategy.init_args.data_parallel_size=1",
        "--trainer.strategy.init_args.param_dtype=float32"]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now (for process groups and test servers)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -6,7 +6,6 @@ import http.client
 import json
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -27,6 +26,7 @@ from lmlab.eval.compare.report import build_report
 from lmlab.eval.compare.server import CompareApp, CompareServer
 from lmlab.eval.compare.session import prepare_pairs
 from lmlab.eval.compare.store import JudgmentStore
+from helpers import free_port
 
 CHOICE_KEYS = ("overall", "helpfulness", "harmlessness", "honesty")
 
@@ -355,12 +355,6 @@ class FakeLM:
         return [f"{Path(self.path).stem} answer {i}<|end|>junk" for i, _ in enumerate(prompts)]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _wait_up(port: int, thread: threading.Thread) -> None:
     # generous: rendering the chat prompt imports lmlab.data, which loads Lightning (slow on a busy machine)
     for _ in range(2400):
@@ -381,7 +375,7 @@ def test_cli_web_flow_and_resume(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(compare_cli, "DONE_GRACE_S", 0.05)
     (tmp_path / "prompts.txt").write_text("what is 2+2?\nname a colour\n")
     db = tmp_path / "run" / "judgments.sqlite"
-    port = _free_port()
+    port = free_port()
     argv = ["--a", "sft=ckpts/sft.ckpt", "--b", "ckpts/base.ckpt", "--model", "rl=ckpts/rl.ckpt", "--prompts", str(tmp_path / "prompts.txt"),
             "--db", str(db), "--port", str(port), "--bootstrap", "30", "--max_new_tokens", "16"]
     rc = []

@@ -11,14 +11,13 @@ data each rank reads all come out the same.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from helpers import write_corpus
+from helpers import write_corpus, free_port
 from test_cli import read_metric, run_cli, tiny_config
 
 pytestmark = pytest.mark.slow
@@ -27,12 +26,6 @@ REPO = Path(__file__).resolve().parents[1]
 DDP = str(REPO / "experiments" / "strategies" / "ddp.yaml")
 COMMON = {"trainer.max_steps": 4, "trainer.val_check_interval": 4, "data.init_args.micro_batch_size": 2}
 TWO_NODES = ["--trainer.num_nodes=2", "--trainer.devices=1"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env() -> dict:
@@ -68,7 +61,7 @@ def one_node(corpus, tmp_path_factory):
 
 def test_torchrun_two_nodes_match_one_node(corpus, tmp_path, one_node):
     cfg = str(tiny_config(tmp_path, corpus, **COMMON))
-    port = _free_port()
+    port = free_port()
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
                 "--master-addr=127.0.0.1", f"--master-port={port}"]
     cmds = [[*torchrun, f"--node-rank={n}", "-m", "lmlab", "fit", "--config", cfg, "--config", DDP, *TWO_NODES]
@@ -80,7 +73,7 @@ def test_torchrun_two_nodes_match_one_node(corpus, tmp_path, one_node):
 
 def test_slurm_two_nodes_match_one_node(corpus, tmp_path, one_node):
     cfg = str(tiny_config(tmp_path, corpus, **COMMON))
-    port = str(_free_port())
+    port = str(free_port())
     cmd = [sys.executable, "-m", "lmlab", "fit", "--config", cfg, "--config", DDP, *TWO_NODES]
     # what `srun` exports to each task of a 2-node, 1-task-per-node allocation
     envs = [{**_env(), "SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "1", "SLURM_PROCID": str(n), "SLURM_LOCALID": "0",
