@@ -107,3 +107,15 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def digit_reward(prompt: str, response: str) -> float:
+    """Share of digits in the reply: a dense reward a random policy gets some of (PPO and GRPO tests)."""
+    from lmlab.data.posttrain.chat import END
+
+    text = response.split(END)[0]
+    return sum(c.isdigit() for c in text) / max(len(text), 1)
+
+
+def nan_reward(prompt: str, response: str) -> float:
+    return float("nan")

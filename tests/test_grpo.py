@@ -11,7 +11,6 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from lmlab.data.posttrain.chat import END
 from lmlab.data.posttrain.datamodules import PromptDataModule, VerifiableData, load_posttrain_tokenizer, tokenizer_info
 from lmlab.errors import ConfigError
 from lmlab.models import TransformerConfig
@@ -20,7 +19,7 @@ from lmlab.modules.grpo import GRPOConfig, GRPODivergenceError, GRPOModule
 from lmlab.modules.ppo import RolloutConfig
 from lmlab.modules.rlhf_math import group_advantages, grpo_loss, grpo_token_loss
 from lmlab.modules.sft import SFTModule
-from helpers import StopAfter, make_trainer
+from helpers import StopAfter, digit_reward, make_trainer, nan_reward
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 REPO = Path(__file__).resolve().parents[1]
@@ -145,16 +144,6 @@ def policy(tok, tmp_path_factory):
     module.tokenizer_info = tokenizer_info(tok)
     trainer.save_checkpoint(path)
     return str(path)
-
-
-def digit_reward(prompt: str, response: str) -> float:
-    """Share of digits in the reply: a dense reward a random policy gets some of."""
-    text = response.split(END)[0]
-    return sum(c.isdigit() for c in text) / max(len(text), 1)
-
-
-def nan_reward(prompt: str, response: str) -> float:
-    return float("nan")
 
 
 def prompt_dm(**kw) -> PromptDataModule:

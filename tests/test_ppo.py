@@ -9,7 +9,6 @@ from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 import pytest
 import torch
 
-from lmlab.data.posttrain.chat import END
 from lmlab.data.posttrain.datamodules import PromptDataModule, VerifiableData, load_posttrain_tokenizer, tokenizer_info
 from lmlab.errors import ConfigError
 from lmlab.models import TransformerConfig
@@ -17,7 +16,7 @@ from lmlab.models.checkpoint import open_checkpoint
 from lmlab.modules.ppo import KLConfig, PPOConfig, PPODivergenceError, PPOModule, RolloutConfig, SafetyConfig
 from lmlab.modules.reward import RewardModule
 from lmlab.modules.sft import SFTModule
-from helpers import StopAfter, make_trainer
+from helpers import StopAfter, digit_reward, make_trainer, nan_reward
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -59,16 +58,6 @@ def ckpts(tok, tmp_path_factory):
     torch.manual_seed(4)
     rm_other_tok = save(RewardModule(tiny_config(tok)), root / "rm_tok.ckpt", {"vocab_size": len(tok), "fingerprint": "ffffffffffffffff"})
     return {"policy": policy, "other": other, "rm": rm, "rm_vocab": rm_big_vocab, "rm_tok": rm_other_tok, "root": root}
-
-
-def digit_reward(prompt: str, response: str) -> float:
-    """Share of digits in the reply: a dense reward a random policy gets some of."""
-    text = response.split(END)[0]
-    return sum(c.isdigit() for c in text) / max(len(text), 1)
-
-
-def nan_reward(prompt: str, response: str) -> float:
-    return float("nan")
 
 
 def prompt_dm(**kw) -> PromptDataModule:
