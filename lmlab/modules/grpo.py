@@ -164,7 +164,6 @@ class GRPOModule(PolicyRollouts, PostTrainModuleBase):
             self.reward_name = "reward_model"
         self.prompts_per_step: Optional[int] = None
         self.history: list[dict[str, float]] = []
-        self._shuffle = torch.Generator().manual_seed(seed)
         if self.config.dropout > 0:
             log.info("grpo: dropout %.2f is disabled: every network runs in eval mode", self.config.dropout)
 
@@ -216,12 +215,6 @@ class GRPOModule(PolicyRollouts, PostTrainModuleBase):
     def _needs_old_logprobs(self, n_completions: int) -> bool:
         g = self.grpo_cfg
         return g.num_iterations > 1 or (g.mini_batch_size or n_completions) < n_completions
-
-    def _eval_mode(self) -> None:
-        # no dropout anywhere: rollout, old and new log-probs must be the same function
-        for m in (self.model, self.ref_model, self.reward_model):
-            if m is not None:
-                m.eval()
 
     # -- rollout ------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -339,15 +332,10 @@ class GRPOModule(PolicyRollouts, PostTrainModuleBase):
     # -- checkpoint state ---------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
-        sampler = self.sampler_state()
-        checkpoint["lmlab"]["grpo"] = {
-            "sampler_state": sampler.cpu() if sampler is not None else None,
-            "shuffle_state": self._shuffle.get_state(),
-        }
+        checkpoint["lmlab"]["grpo"] = self.random_streams_state()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
         state = checkpoint.get("lmlab", {}).get("grpo")
         if state:
-            self.restore_sampler(state.get("sampler_state"))
-            self._shuffle.set_state(state["shuffle_state"])
+            self.restore_random_streams(state)

@@ -263,6 +263,7 @@ class PPOModule(PolicyRollouts, PostTrainModuleBase):
     frozen_prefixes = ("ref_model.", "reward_model.", "safety_model.")
     data_protocol = PromptData
     divergence_error = PPODivergenceError
+    rollout_networks = ("model", "value_model", "ref_model", "reward_model", "safety_model")
 
     def __init__(
         self,
@@ -330,7 +331,6 @@ class PPOModule(PolicyRollouts, PostTrainModuleBase):
         self.history: list[dict[str, float]] = []
         self.minibatch_stats: list[dict[str, float]] = []
         self.stopped_reason: Optional[str] = None
-        self._shuffle = torch.Generator().manual_seed(seed)
         if self.config.dropout > 0:
             log.info("ppo: dropout %.2f is disabled: every network runs in eval mode", self.config.dropout)
 
@@ -453,12 +453,6 @@ class PPOModule(PolicyRollouts, PostTrainModuleBase):
         )
 
     # -- the PPO iteration ---------------------------------------------------------------------------
-    def _eval_mode(self) -> None:
-        # no dropout anywhere: rollout, old and new log-probs must be the same function
-        for m in (self.model, self.value_model, self.ref_model, self.reward_model, self.safety_model):
-            if m is not None:
-                m.eval()
-
     def training_step(self, batch: dict, batch_idx: int):
         self._eval_mode()
         ro = self.make_rollout(batch)
@@ -573,8 +567,7 @@ class PPOModule(PolicyRollouts, PostTrainModuleBase):
             "score_moments": self.score_moments.state_dict(),
             "ref_score_stats": list(self.ref_score_stats) if self.ref_score_stats else None,
             "value_init": self.value_init,
-            "sampler_state": self.sampler_state(),
-            "shuffle_state": self._shuffle.get_state(),
+            **self.random_streams_state(),
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -585,5 +578,4 @@ class PPOModule(PolicyRollouts, PostTrainModuleBase):
             self.score_moments.load_state_dict(state["score_moments"])
             self.ref_score_stats = tuple(state["ref_score_stats"]) if state.get("ref_score_stats") else None
             if "shuffle_state" in state:  # checkpoints from before these were saved resume with fresh streams
-                self.restore_sampler(state.get("sampler_state"))
-                self._shuffle.set_state(state["shuffle_state"])
+                self.restore_random_streams(state)

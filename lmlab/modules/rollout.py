@@ -70,9 +70,11 @@ class PolicyRollouts:
 
     The host class sets ``rollout_cfg`` (a :class:`~lmlab.modules.ppo.RolloutConfig`),
     ``seed`` and ``val_temperature`` before calling :meth:`setup_rollouts`, and
-    defines ``_eval_mode`` (every network it holds in eval mode, so rollout and
-    recomputed log-probs agree).
+    lists in ``rollout_networks`` the attributes holding its networks (all run in
+    eval mode, so rollout and recomputed log-probs agree).
     """
+
+    rollout_networks: tuple[str, ...] = ("model", "ref_model", "reward_model")
 
     def setup_rollouts(self, reward_model: Optional[str], reward_fn: Any, reward_fn_kwargs: Optional[dict],
                        ref_model: Optional[str], need_reference: bool = True) -> Any:
@@ -113,7 +115,16 @@ class PolicyRollouts:
         self._generator: Optional[torch.Generator] = None
         self._generator_state: Optional[torch.Tensor] = None
         self._val_rows: list[torch.Tensor] = []
+        # minibatch order; its own stream so the rollout sampler's draws do not depend on it
+        self._shuffle = torch.Generator().manual_seed(self.seed)
         return reward_ckpt
+
+    def _eval_mode(self) -> None:
+        # no dropout anywhere: rollout, old and new log-probs must be the same function
+        for name in self.rollout_networks:
+            m = getattr(self, name, None)
+            if m is not None:
+                m.eval()
 
     def _check_same_vocab(self, other: TransformerConfig, field_name: str) -> None:
         if other.vocab_size != self.config.vocab_size:
@@ -243,3 +254,14 @@ class PolicyRollouts:
         """Continue the checkpointed sampler stream from the next rollout on."""
         self._generator = None
         self._generator_state = state
+
+    def random_streams_state(self) -> dict[str, Optional[torch.Tensor]]:
+        """The rollout sampler's and the minibatch shuffle's states, for the checkpoint."""
+        sampler = self.sampler_state()
+        return {"sampler_state": sampler.cpu() if sampler is not None else None,
+                "shuffle_state": self._shuffle.get_state()}
+
+    def restore_random_streams(self, state: dict) -> None:
+        """Continue both streams where :meth:`random_streams_state` left them."""
+        self.restore_sampler(state.get("sampler_state"))
+        self._shuffle.set_state(state["shuffle_state"])
