@@ -222,6 +222,9 @@ def run_lightning(args: Optional[list[str]] = None):
         trainer_defaults={"enable_model_summary": False},
         parser_kwargs={"default_env": False},
         auto_configure_optimizers=False,
+        # lmlab's stages keep what a checkpoint needs in its own "lmlab" record (models/checkpoint.py) and never
+        # call save_hyperparameters; Lightning's support for it dumps the whole config again at every start (0.1 s)
+        load_from_checkpoint_support=False,
     )
 
 
