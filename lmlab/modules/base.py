@@ -357,7 +357,7 @@ class LMModuleBase(pl.LightningModule):
         # Runs after fp16 unscaling and before the update: the norm here is the true global one.
         if not self.settings.gradient_clip_val and not self.checks_grad_norm and not self.is_logging_step(1):
             # without clipping the norm is only logged: measuring it on the other steps would cost a read of
-            # every gradient per step (about 1% of a small model's step on a CPU)
+            # every gradient per step (1.7 ms, 0.2% of a 9M-parameter step on one CPU thread; 2-3% of a tiny one)
             self._last_grad_norm = None
             return
         self._last_grad_norm = clip_grad_norm(self, self.settings.gradient_clip_val, self.trainable_parameters())
