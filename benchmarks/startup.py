@@ -64,13 +64,13 @@ def run_until(cmd: list[str], env: dict, mark: str, cwd: str) -> float:
         proc.stdout.close()
 
 
-def main() -> None:
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="experiments/quickstart.yaml")
     p.add_argument("--runs", type=int, default=5, help="timed runs per side (medians)")
     p.add_argument("--threads", type=int, default=2, help="torch/BLAS threads of the children")
     p.add_argument("--target", type=float, default=4.0, help="seconds to the first step to aim for")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     root = os.getcwd()
     env = child_env(args.threads)
     cpu = {"lmlab fit": [], "import lightning.pytorch": []}
@@ -104,11 +104,12 @@ def main() -> None:
         print(f"  lmlab above the floor: wall {fit_side.median - floor_side.median:+.2f} s, CPU {cpu_fit - cpu_floor:+.2f} s; "
               f"target {args.target:.1f} s to the first step: "
               f"{'met' if cpu_fit < args.target and fit_side.median < args.target else 'not met'} (CPU and wall)")
-    report_ratio("  import lightning.pytorch time / lmlab fit time to the first step (wall)", fit_side.median,
-                 floor_side.median, higher_is_better=False,
-                 differences="lmlab fit also parses and checks the config, builds data, model and trainer, "
-                             "and times one matmul for its wall-time estimate")
+    ratio = report_ratio("  import lightning.pytorch time / lmlab fit time to the first step (wall)", fit_side.median,
+                         floor_side.median, higher_is_better=False,
+                         differences="lmlab fit also parses and checks the config, builds data, model and trainer, "
+                                     "and times one matmul for its wall-time estimate")
+    return 0 if ratio is not None else 1
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
