@@ -172,52 +172,91 @@ def measure_shape(args, d_model: int, layers: int, precision: str, device, peaks
                      base.median and 1 / base.median, DIFFERS if base is sides[1] else "")
 
 
-def lightning_vs_raw(args, device) -> None:
-    """Trainer.fit steps vs the same module's step called directly, alternated by a callback."""
+LIGHTNING_SETUPS = {
+    "bare": "Trainer with no progress bar, checkpointing or summary; CSV logger",
+    "lmlab-fit": "what `lmlab fit` adds by default: step progress bar, lmlab ModelCheckpoint (no save due), "
+                 "RunSummary, lmlab CSV logger",
+}
+
+
+def lightning_vs_raw(args, device, setup: str) -> None:
+    """Trainer.fit steps vs the same module's step called directly, alternated step by step by a callback.
+
+    Each fit step is followed by one direct step of a second, identical module (same weights, same batch), so
+    load changes hit both alike; the fit side's time runs from the end of one direct step to the end of the
+    next fit step, so it holds everything Lightning does between two steps (data loader, hooks, callbacks,
+    logging) as well as the step itself.
+    """
+    import statistics
+
     import lightning.pytorch as pl
     import torch
+
+    from lmlab.callbacks import ModelCheckpoint, step_progress_bar
+    from lmlab.loggers import CSVLogger
+    from lmlab.scaling.run_summary import RunSummary
 
     d_model, layers = args.shapes[0]
     torch.manual_seed(0)
     tokens = torch.randint(0, args.vocab, (args.batch, args.seq + 1))
     fit_module = lmlab_module(args, d_model, layers, device)
-    fit_module.settings.compile = "blocks"  # what a long run resolves to, without a long run
+    compile_mode = "blocks" if args.lightning_compile else False
+    fit_module.settings.compile = compile_mode  # "blocks": what a long run resolves to, without a long run
     fit_module.settings.gradient_clip_val = 0.0
     raw_module = lmlab_module(args, d_model, layers, device)
-    raw_step, _ = make_lmlab_step(raw_module, tokens.to(device), contextlib.nullcontext, "blocks")
-    n = args.warmup + args.steps
+    raw_module.model.load_state_dict(fit_module.model.state_dict())
+    raw_step, _ = make_lmlab_step(raw_module, tokens.to(device), contextlib.nullcontext, compile_mode or "eager")
+    n = args.warmup + args.lightning_steps
 
     class Alternate(pl.Callback):
+        # wall time, and the process's CPU time (every thread, the progress bar's included): the CPU time
+        # does not grow when other jobs take the cores, so it shows the overhead on a loaded machine too
         def __init__(self):
-            self.fit_times, self.raw_times, self.last = [], [], None
+            self.fit_times, self.raw_times, self.fit_cpu, self.raw_cpu, self.last = [], [], [], [], None
 
         def on_train_batch_end(self, trainer, *a):
-            now = time.perf_counter()
-            if self.last is not None and trainer.global_step > args.warmup:
-                self.fit_times.append(now - self.last)
-            t0 = time.perf_counter()
+            now, cpu = time.perf_counter(), time.process_time()
+            timed = trainer.global_step > args.warmup
+            if self.last is not None and timed:
+                self.fit_times.append(now - self.last[0])
+                self.fit_cpu.append(cpu - self.last[1])
+            t0, c0 = time.perf_counter(), time.process_time()
             raw_step()
-            if trainer.global_step > args.warmup:
+            if timed:
                 self.raw_times.append(time.perf_counter() - t0)
-            self.last = time.perf_counter()
+                self.raw_cpu.append(time.process_time() - c0)
+            self.last = time.perf_counter(), time.process_time()
 
     batches = [{"tokens": tokens} for _ in range(n + 1)]
     loader = torch.utils.data.DataLoader(batches, batch_size=None)
     cb = Alternate()
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = pl.Trainer(accelerator=device.type, devices=1, max_steps=n + 1, callbacks=[cb],
-                             logger=pl.loggers.CSVLogger(tmp), enable_checkpointing=False, enable_progress_bar=False,
-                             enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp)
+        extra = {}
+        callbacks = [cb]
+        if setup == "lmlab-fit":
+            callbacks += [step_progress_bar(), ModelCheckpoint(every_n_train_steps=10 * n), RunSummary(validate_at_end=False)]
+            extra = dict(logger=CSVLogger(save_dir=tmp, name="csv"), enable_progress_bar=True)
+        else:
+            extra = dict(logger=pl.loggers.CSVLogger(tmp), enable_progress_bar=False, enable_checkpointing=False)
+        trainer = pl.Trainer(accelerator=device.type, devices=1, max_steps=n + 1, callbacks=callbacks,
+                             enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp, **extra)
         trainer.fit(fit_module, train_dataloaders=loader)
-    import statistics
-
-    fit_s = statistics.median(cb.fit_times) if cb.fit_times else None
-    raw_s = statistics.median(cb.raw_times) if cb.raw_times else None
-    print(f"\nLightning path d{d_model}x{layers} fp32: Trainer.fit {fit_s and fit_s * 1e3:.1f} ms/step, "
-          f"direct step {raw_s and raw_s * 1e3:.1f} ms/step")
-    report_ratio("  Trainer.fit speed / direct step speed (1.0 = no overhead)", fit_s, raw_s, higher_is_better=False,
-                 differences="fit adds the data loader, hooks, CSV logging every 50 steps, the LR schedule; "
-                             "both: blocks compiled, fused AdamW, no clipping")
+    differs = ("fit adds the data loader, hooks, callbacks, metric logging every 50 steps, the LR schedule, the loss "
+               f"finiteness check; both: compile={compile_mode}, fused AdamW, no clipping")
+    print(f"\nLightning path ({setup}: {LIGHTNING_SETUPS[setup]}), d{d_model}x{layers} fp32, "
+          f"{min(len(cb.fit_times), len(cb.raw_times))} alternated steps (medians):")
+    for what, fit, raw in (("wall", cb.fit_times, cb.raw_times), ("CPU", cb.fit_cpu, cb.raw_cpu)):
+        fit_s = statistics.median(fit) if fit else None
+        raw_s = statistics.median(raw) if raw else None
+        pairs = [(f, r) for f, r in zip(fit, raw) if r > 0]
+        extra_ms = statistics.median(f - r for f, r in pairs) * 1e3 if pairs else float("nan")
+        print(f"  {what:<4} time: Trainer.fit {fit_s and fit_s * 1e3:.2f} ms/step, direct step "
+              f"{raw_s and raw_s * 1e3:.2f} ms/step, median per-step difference {extra_ms:+.2f} ms")
+        # each fit step is compared with the direct step right after it, under the same load
+        paired = statistics.median(f / r for f, r in pairs) if pairs else None
+        report_ratio(f"  {setup} ({what} time, median over step pairs): Trainer.fit speed / direct step speed "
+                     "(1.0 = no overhead)", paired, 1.0 if paired else None, higher_is_better=False,
+                     differences=differs if what == "wall" else "")
 
 
 def loss_memory_side(args, fused: bool) -> None:
@@ -284,6 +323,9 @@ def main() -> None:
     p.add_argument("--precisions", default="fp32,bf16")
     p.add_argument("--peak-n", type=int, default=2048, help="matmul size for the peak")
     p.add_argument("--lightning", action="store_true", help="also time Trainer.fit against the direct step")
+    p.add_argument("--lightning-steps", type=int, default=40, help="alternated steps of the Lightning comparison")
+    p.add_argument("--lightning-setups", default=",".join(LIGHTNING_SETUPS), help="comma separated: bare, lmlab-fit")
+    p.add_argument("--lightning-compile", type=int, default=1, help="1: blocks compiled on both sides; 0: eager")
     p.add_argument("--no-models", action="store_true", help="skip the lmlab vs transformers table")
     p.add_argument("--memory", action="store_true", help="also measure the loss's peak memory, fused vs plain")
     p.add_argument("--mem-vocab", type=int, default=131072)
@@ -319,7 +361,8 @@ def main() -> None:
             cells = [f"{t:,.0f}" if t else "failed" for t in tps]
             print(f"| {shape} | {prec} | {' | '.join(cells)} | {' | '.join(ratio)} | {' / '.join(pct)} |")
     if args.lightning:
-        lightning_vs_raw(args, device)
+        for setup in args.lightning_setups.split(","):
+            lightning_vs_raw(args, device, setup)
     if args.memory:
         loss_memory(args)
 

@@ -33,11 +33,19 @@ EXTRA_VERBS: dict[str, tuple[str, str, str]] = {
 }
 
 
-def _lightning_cli_class():
+def _lightning_cli_class(verb: Optional[str] = None):
+    """The LightningCLI subclass; given a ``verb`` of ``TRAINER_VERBS``, its parser knows only that subcommand."""
     from lightning.pytorch.cli import LightningCLI
 
     class LMLabCLI(LightningCLI):
         """LightningCLI with lmlab's compute-budget derivation, one-line errors and run-folder locking."""
+
+        @staticmethod
+        def subcommands() -> dict[str, set[str]]:
+            # each subcommand's parser costs a full signature walk of Trainer, model and data (about 0.1 s of
+            # start-up each); the one named on the command line is the only one a run can use
+            every = LightningCLI.subcommands()
+            return {verb: every[verb]} if verb in every else every
 
         def add_arguments_to_parser(self, parser) -> None:
             from lmlab.scaling.budget import ComputeBudget
@@ -200,7 +208,8 @@ def run_lightning(args: Optional[list[str]] = None):
     import lightning.pytorch as pl
 
     _quiet_lightning_notices()
-    cli_cls = _lightning_cli_class()
+    argv = sys.argv[1:] if args is None else args
+    cli_cls = _lightning_cli_class(argv[0] if argv else None)
     return cli_cls(
         model_class=pl.LightningModule,
         datamodule_class=pl.LightningDataModule,
@@ -213,6 +222,9 @@ def run_lightning(args: Optional[list[str]] = None):
         trainer_defaults={"enable_model_summary": False},
         parser_kwargs={"default_env": False},
         auto_configure_optimizers=False,
+        # lmlab's stages keep what a checkpoint needs in its own "lmlab" record (models/checkpoint.py) and never
+        # call save_hyperparameters; Lightning's support for it dumps the whole config again at every start (0.1 s)
+        load_from_checkpoint_support=False,
     )
 
 

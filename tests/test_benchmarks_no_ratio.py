@@ -141,3 +141,26 @@ def test_quantize_no_ratio_when_int8_side_fails(tmp_path, capsys):
     assert bench.main(args) == 0
     out = capsys.readouterr().out
     assert len(RATIO.findall(out)) == 2 and "[differs: int8 dynamic quantization" in out
+
+
+def test_startup_no_ratio_when_lmlab_fit_fails(monkeypatch, capsys):
+    bench = load("startup")
+    calls = []
+
+    def fake(cmd, env, mark, cwd):
+        side = "fit" if "lmlab.cli" in cmd else "floor"
+        calls.append(side)
+        if side == "fit":
+            raise RuntimeError("exited with 2 before the first step")
+        return 3.5
+
+    monkeypatch.setattr(bench, "run_until", fake)
+    assert bench.main(["--runs", "2"]) == 1
+    out = capsys.readouterr().out
+    assert calls == ["fit", "floor", "floor", "floor"]  # the failed side is not retried, the floor keeps running
+    assert "lmlab fit                  failed: RuntimeError: exited with 2" in out
+    assert "no ratio (lmlab side failed)" in out and not RATIO.search(out)
+    monkeypatch.setattr(bench, "run_until", lambda cmd, env, mark, cwd: 4.5 if "lmlab.cli" in cmd else 4.0)
+    assert bench.main(["--runs", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "lmlab above the floor:" in out and "CPU +0.50 s" in out and RATIO.search(out)

@@ -185,6 +185,49 @@ def test_step_metrics_are_logged_on_logging_steps_only(workdir, tmp_path):
     assert float(trainer.callback_metrics["train/tokens_seen"]) == 7 * 8 * 32
 
 
+@pytest.mark.parametrize("clip", [0.0, 1.0])
+def test_without_clipping_the_grad_norm_is_measured_on_logging_steps_only(workdir, tmp_path, monkeypatch, clip):
+    import lmlab.modules.base as base
+
+    measured, logged = [], []
+    real = base.clip_grad_norm
+
+    def spy_clip(module, max_norm, parameters=None):
+        params = list(parameters)
+        direct = float(torch.cat([p.grad.detach().flatten() for p in params if p.grad is not None]).norm())
+        norm = real(module, max_norm, params)
+        measured.append((module.global_step + 1, float(norm), direct))
+        return norm
+
+    class Spy(LossRecorder):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+            if "train/grad_norm" in trainer.callback_metrics and trainer.global_step in (3, 6, 7):
+                logged.append((trainer.global_step, float(trainer.callback_metrics["train/grad_norm"])))
+
+    monkeypatch.setattr(base, "clip_grad_norm", spy_clip)
+    pl.seed_everything(1)
+    spy = Spy()
+    trainer = make_trainer(tmp_path, 7, [spy], log_every_n_steps=3)
+    trainer.fit(make_module(gradient_clip_val=clip), datamodule=make_dm(workdir))
+    # clipping needs the norm every step; without it only the logged steps (3, 6 and the last) measure it
+    assert [step for step, _, _ in measured] == ([3, 6, 7] if clip == 0.0 else list(range(1, 8)))
+    for step, norm, direct in measured:
+        assert norm == pytest.approx(direct, rel=1e-5)  # the pre-clip global norm of every gradient
+    by_step = {step: norm for step, norm, _ in measured}
+    assert [step for step, _ in logged] == [3, 6, 7]
+    for step, value in logged:
+        assert value == pytest.approx(by_step[step], rel=1e-6)
+
+
+def test_post_training_stages_measure_the_grad_norm_every_step():
+    from lmlab.modules import PretrainModule as Pretrain
+    from lmlab.modules.posttrain_base import PostTrainModuleBase
+
+    # they stop on a non-finite gradient norm, which needs the norm of every update
+    assert PostTrainModuleBase.checks_grad_norm and not Pretrain.checks_grad_norm
+
+
 def test_auto_compiles_the_blocks_of_long_single_device_runs_only(tmp_path):
     def compiled_blocks(max_steps, **extra):
         module = PretrainModule(TransformerConfig(vocab_size=64, d_model=16, n_layers=2, n_heads=2, max_seq_len=8, **extra))

@@ -123,6 +123,8 @@ class LMModuleBase(pl.LightningModule):
     divergence_error: type[Exception] = FloatingPointError
     #: how training FLOPs are counted (see :mod:`lmlab.models.counting`)
     flop_convention: str = "palm"
+    #: the stage stops on a non-finite gradient norm, so the norm is measured every step even without clipping
+    checks_grad_norm: bool = False
 
     def __init__(
         self,
@@ -291,14 +293,19 @@ class LMModuleBase(pl.LightningModule):
         self.log_step_stats(result.tokens)
         return {"loss": result.loss}
 
-    def is_logging_step(self) -> bool:
-        """Whether the loggers write this step's metrics (every ``log_every_n_steps``, and the last step)."""
+    def is_logging_step(self, pending_updates: int = 0) -> bool:
+        """Whether the loggers write this step's metrics (every ``log_every_n_steps``, and the last step).
+
+        ``pending_updates``: optimizer updates of this step not yet counted in ``global_step`` (1 when asked
+        before the update, as ``on_before_optimizer_step`` does).
+        """
         trainer = self._trainer
         if trainer is None:
             return True
         if trainer.fast_dev_run or trainer.is_last_batch or trainer._logger_connector.should_update_logs:
             return True
-        return trainer.max_steps is not None and trainer.max_steps > 0 and self.global_step >= trainer.max_steps
+        return (trainer.max_steps is not None and trainer.max_steps > 0
+                and self.global_step + pending_updates >= trainer.max_steps)
 
     def optimization_step(self, micro_batches: Sequence[Any], normaliser: Any) -> list[dict[str, Any]]:
         """One optimizer update over ``micro_batches``; returns each micro-batch's outputs.
@@ -348,6 +355,11 @@ class LMModuleBase(pl.LightningModule):
 
     def on_before_optimizer_step(self, optimizer) -> None:
         # Runs after fp16 unscaling and before the update: the norm here is the true global one.
+        if not self.settings.gradient_clip_val and not self.checks_grad_norm and not self.is_logging_step(1):
+            # without clipping the norm is only logged: measuring it on the other steps would cost a read of
+            # every gradient per step (1.7 ms, 0.2% of a 9M-parameter step on one CPU thread; 2-3% of a tiny one)
+            self._last_grad_norm = None
+            return
         self._last_grad_norm = clip_grad_norm(self, self.settings.gradient_clip_val, self.trainable_parameters())
 
     def optimizer_update(self) -> None:

@@ -75,6 +75,7 @@ class PostTrainModuleBase(LMModuleBase):
 
     data_protocol = PostTrainData
     seq_len_field = "data.max_length"
+    checks_grad_norm = True  # on_before_optimizer_step stops on a non-finite norm
 
     def __init__(
         self,

@@ -13,10 +13,12 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
-import pandas as pd
+
+if TYPE_CHECKING:  # pandas is imported where a frame is made or read: `lmlab fit` imports this module at start-up
+    import pandas as pd
 
 from lmlab.errors import ConfigError
 
@@ -58,6 +60,8 @@ class ScalingData:
         cols = {"N": self.N, "D": self.D, "C": self.C, "loss": self.loss}
         if self.budget is not None:
             cols["budget"] = self.budget
+        import pandas as pd
+
         return pd.DataFrame(cols, index=pd.Index(self.rows, name="row"))
 
     def subset(self, index: np.ndarray) -> ScalingData:
@@ -84,6 +88,8 @@ def _require_column(frame: pd.DataFrame, name: str, flag: str, source: str) -> p
             f"column {name!r} not found in {source}",
             f"pass the right column name with {flag}; columns are: {have}",
         )
+    import pandas as pd
+
     return pd.to_numeric(frame[name], errors="coerce")
 
 
@@ -225,6 +231,8 @@ def load_results(
     path = Path(path)
     if not path.is_file():
         raise ConfigError(str(path), "results file not found", "check the path to the CSV")
+    import pandas as pd
+
     try:
         frame = pd.read_csv(path)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
