@@ -121,6 +121,21 @@ def test_compiled_blocks_bring_the_compiled_head_loss_and_it_follows_eager(workd
     assert not whole.uses_compiled_head_loss()
 
 
+def test_bf16_mixed_pretraining_with_compiled_blocks_follows_eager(workdir, tmp_path):
+    losses = {}
+    for mode in (False, "blocks"):
+        pl.seed_everything(1)
+        rec = LossRecorder()
+        trainer = make_trainer(tmp_path / str(mode), 4, [rec], precision="bf16-mixed")
+        trainer.fit(make_module(compile=mode), datamodule=make_dm(workdir))
+        losses[mode] = rec.losses
+    # compiled: the head loss and the bf16 attention backward; bf16 rounds both sides
+    assert trainer.lightning_module.uses_compiled_head_loss()
+    assert all(b.attn.bf16_cpu_attention for b in trainer.lightning_module.model.backbone.blocks)
+    for s in range(4):
+        assert losses["blocks"][s] == pytest.approx(losses[False][s], rel=1e-3), (s, losses)
+
+
 # -- fused AdamW -------------------------------------------------------------------------------
 def test_adamw_is_fused_on_cpu_by_default_and_matches_foreach():
     torch.manual_seed(0)
