@@ -46,6 +46,8 @@ def test_it_applies_only_to_plain_causal_bf16_on_cpu():
         assert not wants_bf16_cpu_attention(x32, torch.ones(1, 1, 4, 4, dtype=torch.bool), None, 0.0)
         assert not wants_bf16_cpu_attention(x32, None, object(), 0.0)
         assert not wants_bf16_cpu_attention(x32, None, None, 0.1)
+    long = torch.zeros(1, 1, cpu_attention.MAX_SEQ_LEN + 1, 8, dtype=torch.bfloat16)
+    assert not wants_bf16_cpu_attention(long, None, None, 0.0)  # its (T, T) scores would not stay small
 
 
 def _train(model, tokens, steps):

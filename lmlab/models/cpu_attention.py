@@ -1,22 +1,27 @@
 """Causal attention for bf16 training on CPU: the flash forward, a matmul backward.
 
 PyTorch's CPU flash-attention kernel is fast forward, but its bf16 backward
-walks the (T, T) scores in small blocks and is 3-5x slower than its forward.
-For the sequence lengths CPU runs train at, the whole score matrix of one
-head fits in cache, so the backward is cheaper as five batched matmuls
-around one elementwise pass, which Inductor fuses when the block is compiled:
+walks the (T, T) scores in small blocks and takes 4-6x its forward (T = 256).
+For short sequences the whole score matrix of one head fits in cache, so the
+backward is cheaper as five batched matmuls around one elementwise pass,
+which Inductor fuses when the block is compiled:
 
     P = exp(Q K^T * s - lse)             (lse saved by the flash forward)
     dV = P^T dO,  dP = dO V^T,  dS = P * (dP - rowsum(dO * O)) * s
     dQ = dS K,    dK = dS^T Q
 
 The gradients are those of the same attention, rounded differently (P and
-dS in bf16 for the matmuls, as the flash kernel rounds its blocks).
+dS in bf16 for the matmuls, as the flash kernel rounds its blocks). The
+backward holds (B, H, T, T) scores, so longer sequences (above
+``MAX_SEQ_LEN``, not measured to pay) keep the flash backward.
 """
 
 from __future__ import annotations
 
 import torch
+
+#: longest sequence that takes the matmul backward: its (T, T) scores per head stay small
+MAX_SEQ_LEN = 512
 
 
 class _CausalAttention(torch.autograd.Function):
@@ -54,6 +59,8 @@ def causal_attention_bf16_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor)
 def wants_bf16_cpu_attention(q: torch.Tensor, mask, cache, dropout_p: float) -> bool:
     """Whether :func:`causal_attention_bf16_cpu` applies: plain causal, no dropout, bf16 (or bf16 autocast) on CPU."""
     if mask is not None or cache is not None or dropout_p > 0 or q.device.type != "cpu":
+        return False
+    if q.shape[-2] > MAX_SEQ_LEN:
         return False
     if q.dtype == torch.bfloat16:
         return True
