@@ -38,11 +38,13 @@ class _CausalAttention(torch.autograd.Function):
         t_q, t_k = q.shape[-2], k.shape[-2]
         future = torch.ones(t_q, t_k, dtype=torch.bool, device=q.device).triu(1)
         scores = (q @ k.transpose(-2, -1)).float() * ctx.scale
-        p = torch.exp(scores - lse.unsqueeze(-1)).masked_fill(future, 0.0)
-        dv = p.to(q.dtype).transpose(-2, -1) @ grad_out
+        # P is kept in bf16 only: it feeds dV's matmul anyway, and an fp32 copy for dS would be
+        # one more (B, H, T, T) buffer written and read back across the matmuls
+        p = torch.exp(scores - lse.unsqueeze(-1)).masked_fill(future, 0.0).to(q.dtype)
+        dv = p.transpose(-2, -1) @ grad_out
         dp = (grad_out @ v.transpose(-2, -1)).float()
         delta = (grad_out.float() * out.float()).sum(-1, keepdim=True)
-        ds = (p * (dp - delta) * ctx.scale).to(q.dtype)
+        ds = (p.float() * (dp - delta) * ctx.scale).to(q.dtype)
         return ds @ k, ds.transpose(-2, -1) @ q, dv, None
 
 
