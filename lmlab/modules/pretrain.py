@@ -110,6 +110,10 @@ class PretrainModule(LMModuleBase):
         wanted = setting is True or (setting == "auto" and self.config.padded_vocab_size >= FUSED_CE_AUTO_MIN_VOCAB)
         if not wanted or self._compiled is not None:
             return False
+        return self._head_weight_is_whole()
+
+    def _head_weight_is_whole(self) -> bool:
+        """Whether the LM head's weight is whole on this device (not sharded by FSDP/TP/ZeRO-3)."""
         weight = self.model.lm_head.weight
         return not hasattr(weight, "device_mesh") and not hasattr(weight, "ds_id")
 
@@ -122,8 +126,7 @@ class PretrainModule(LMModuleBase):
         """
         if self._compiled is not None or not getattr(self.model.backbone, "_compiled_blocks", None):
             return False
-        weight = self.model.lm_head.weight
-        return not hasattr(weight, "device_mesh") and not hasattr(weight, "ds_id")
+        return self._head_weight_is_whole()
 
     def _nll(self, tokens: torch.Tensor, normaliser: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-token NLL (B, T), targets, and the loss ``nll.sum() / normaliser`` for a (B, T+1) window batch."""
