@@ -4,8 +4,10 @@ Sides, each a full training step (forward, loss, backward, AdamW step) on the
 same batch, alternated step by step in one process (benchmarks/harness.py):
 
 * ``lmlab``: ``PretrainModule``'s default step for a long run (``compile: auto``
-  resolves to per-block compilation at >= 1000 steps; fused cross-entropy
-  where ``auto`` turns it on, i.e. vocab >= 32k; fused AdamW, lmlab's default);
+  resolves to per-block compilation at >= 1000 steps, which also compiles
+  the LM head with its cross-entropy and, for bf16 on CPU, takes the
+  attention backward through matmuls; fused cross-entropy where ``auto``
+  turns it on, i.e. vocab >= 32k; fused AdamW, lmlab's default);
 * ``hf-eager``: ``LlamaForCausalLM`` (SDPA attention), loss on its float logits;
 * ``hf-compiled``: the same model under ``torch.compile`` (whole model).
 
@@ -32,8 +34,10 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import Side, alternate, pin_threads, report_ratio  # noqa: E402
 
-DIFFERS = ("lmlab: fused q/k/v and gate/up matmuls, blocks compiled one by one (its default for runs of >= 1000 steps); "
-           "HF: separate projections; HF compiled: whole model under torch.compile; both: same fused AdamW, same batch")
+DIFFERS = ("lmlab: fused q/k/v and gate/up matmuls, blocks compiled one by one and the LM head + cross-entropy "
+           "compiled (its default for runs of >= 1000 steps), bf16 attention with a matmul backward on CPU; "
+           "HF: separate projections, SDPA attention, eager loss on float logits; HF compiled: whole model under "
+           "torch.compile; both: same fused AdamW, same batch")
 
 
 def autocast_for(precision: str, device):
@@ -130,6 +134,9 @@ def measure_shape(args, d_model: int, layers: int, precision: str, device, peaks
     from lmlab.models.counting import flops_per_token
     from lmlab.modules.optim import COMPILE_AUTO_MIN_STEPS, resolve_compile
 
+    # every shape compiles afresh, as in a run of its own: a graph compiled for an earlier shape
+    # would otherwise be recompiled with dynamic sizes, on both compiled sides
+    torch._dynamo.reset()
     torch.manual_seed(0)
     tokens = torch.randint(0, args.vocab, (args.batch, args.seq + 1), device=device)
     autocast = autocast_for(precision, device)

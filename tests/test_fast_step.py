@@ -11,7 +11,7 @@ from helpers import LossRecorder, corpus_sources, make_trainer, write_corpus
 from lmlab.data import PretrainDataModule, TokenizerTrainConfig
 from lmlab.errors import ConfigError
 from lmlab.models import CausalLM, TransformerConfig
-from lmlab.models.losses import linear_cross_entropy
+from lmlab.models.losses import compiled_head_nll, head_nll, linear_cross_entropy
 from lmlab.modules import OptimizerConfig, PretrainModule, ScheduleConfig, TrainingSettings
 from lmlab.modules.optim import COMPILE_AUTO_MIN_STEPS, build_optimizer, resolve_compile
 
@@ -86,6 +86,54 @@ def test_fused_cross_entropy_is_automatic_for_large_vocabularies_only():
     whole = PretrainModule(large.config, settings=TrainingSettings(compile="model"))
     whole._compiled = torch.compile(whole.model)  # a whole-model compile calls the head itself
     assert not whole.uses_fused_cross_entropy()
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_compiled_head_loss_matches_the_plain_loss_and_gradients(autocast):
+    torch.manual_seed(0)
+    h = torch.randn(2, 24, 16, requires_grad=True)
+    w = torch.randn(200, 16, requires_grad=True)
+    t = torch.randint(0, 200, (2, 24))
+    t[1, :3] = -100
+    grads = []
+    for fn in (head_nll, compiled_head_nll):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            nll = fn(h, w, t)
+        assert nll.shape == t.shape and nll.dtype == torch.float32
+        assert float(nll.detach()[1, :3].abs().max()) == 0.0
+        grads.append((nll.detach(), *torch.autograd.grad(nll.sum() / 45, (h, w))))
+    # compiled kernels sum in another order; bf16 rounds the logits and their gradient on both sides
+    tol = dict(rtol=2e-2, atol=2e-2 * float(grads[0][2].abs().max())) if autocast else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads[1][0], grads[0][0], rtol=1e-5, atol=2e-2 if autocast else 1e-5)
+    torch.testing.assert_close(grads[1][1], grads[0][1], **tol)
+    torch.testing.assert_close(grads[1][2], grads[0][2], **tol)
+
+
+def test_compiled_blocks_bring_the_compiled_head_loss_and_it_follows_eager(workdir, tmp_path):
+    eager, t0 = run(workdir, tmp_path / "eager", 4, compile=False)
+    blocks, t1 = run(workdir, tmp_path / "blocks", 4, compile="blocks")
+    assert not t0.lightning_module.uses_compiled_head_loss() and t1.lightning_module.uses_compiled_head_loss()
+    for s in range(4):
+        assert blocks[s] == pytest.approx(eager[s], rel=1e-4), (s, blocks[s], eager[s])
+    whole = make_module(compile="model")
+    whole.model.backbone.compile_blocks()
+    whole._compiled = torch.compile(whole.model)  # a whole-model compile covers the head itself
+    assert not whole.uses_compiled_head_loss()
+
+
+def test_bf16_mixed_pretraining_with_compiled_blocks_follows_eager(workdir, tmp_path):
+    losses = {}
+    for mode in (False, "blocks"):
+        pl.seed_everything(1)
+        rec = LossRecorder()
+        trainer = make_trainer(tmp_path / str(mode), 4, [rec], precision="bf16-mixed")
+        trainer.fit(make_module(compile=mode), datamodule=make_dm(workdir))
+        losses[mode] = rec.losses
+    # compiled: the head loss and the bf16 attention backward; bf16 rounds both sides
+    assert trainer.lightning_module.uses_compiled_head_loss()
+    assert all(b.attn.bf16_cpu_attention for b in trainer.lightning_module.model.backbone.blocks)
+    for s in range(4):
+        assert losses["blocks"][s] == pytest.approx(losses[False][s], rel=1e-3), (s, losses)
 
 
 # -- fused AdamW -------------------------------------------------------------------------------

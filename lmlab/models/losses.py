@@ -113,3 +113,30 @@ def linear_cross_entropy(
         ignore_index,
     )
     return loss, nll.view(targets.shape)
+
+
+def head_nll(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-token fp32 NLL of ``hidden @ weight.T`` against ``targets`` (the plain path: full logits)."""
+    logits = torch.nn.functional.linear(hidden, weight)
+    # cross_entropy runs in fp32 under autocast anyway; casting here keeps fp32 for bf16-true runs
+    nll = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
+    return nll.view(targets.shape)
+
+
+_compiled_head_nll = None
+
+
+def compiled_head_nll(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """:func:`head_nll` under ``torch.compile``: the same loss, without the logits' extra passes.
+
+    Eager, the loss reads and writes the (N, V) logits several times: the fp32
+    copy, log-softmax, the gathered NLL, and in backward a zero-filled gradient,
+    the log-softmax gradient and its cast back. Compiled, the casts, the
+    log-sum-exp and the NLL become one pass over the logits and the backward
+    one more (softmax minus one-hot, written in the logits' dtype), around the
+    same two matmuls.
+    """
+    global _compiled_head_nll
+    if _compiled_head_nll is None:
+        _compiled_head_nll = torch.compile(head_nll)
+    return _compiled_head_nll(hidden, weight, targets)

@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lmlab.models.config import TransformerConfig
+from lmlab.models.cpu_attention import causal_attention_bf16_cpu, wants_bf16_cpu_attention
 from lmlab.models.moe import MoEFeedForward, is_moe_layer
 
 
@@ -103,6 +104,8 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
         self.dropout = config.dropout
+        #: bf16 causal attention on CPU through the matmul backward (set for compiled blocks, where it is fused)
+        self.bf16_cpu_attention = False
 
     def project_qkv(
         self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]]
@@ -142,14 +145,13 @@ class Attention(nn.Module):
             rep = self.n_heads // self.kv_heads
             k = k.repeat_interleave(rep, dim=1)
             v = v.repeat_interleave(rep, dim=1)
-        y = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            dropout_p=self.dropout if self.training else 0.0,
-            is_causal=mask is None and cache is None,
-        )
+        dropout_p = self.dropout if self.training else 0.0
+        if self.bf16_cpu_attention and wants_bf16_cpu_attention(q, mask, cache, dropout_p):
+            y = causal_attention_bf16_cpu(q, k, v)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=mask is None and cache is None
+            )
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
         return self.proj(y)
 
@@ -280,6 +282,9 @@ class Transformer(nn.Module):
         compile, not the whole model's. Incremental decoding (a KV cache)
         keeps the eager blocks, whose shapes change every token.
         """
+        for block in self.blocks:
+            if isinstance(block.attn, Attention) and type(block.attn).forward is Attention.forward:
+                block.attn.bf16_cpu_attention = True
         self._compiled_blocks = [torch.compile(block, **compile_kwargs) for block in self.blocks]
 
     def forward(

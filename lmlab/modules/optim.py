@@ -95,7 +95,8 @@ class TrainingSettings:
         gradient_clip_val: Clip the global gradient norm to this (0: off).
         compile: ``blocks``: compile each transformer block on its own
             (regional compilation; one block's compile time, the eager model
-            around it); ``model`` (or ``true``): the whole network; ``false``:
+            around it; pretraining also compiles the LM head with its loss, and
+            bf16 attention on CPU takes a matmul backward); ``model`` (or ``true``): the whole network; ``false``:
             eager; ``auto`` (default): ``blocks`` for fitting runs of at least
             ``COMPILE_AUTO_MIN_STEPS`` optimizer steps, where the one-off
             compile is repaid, else eager (see :func:`resolve_compile`).
@@ -122,7 +123,7 @@ def _warming(t: int, warmup: int, start: float) -> float:
 
 
 #: fitting runs at least this long compile their blocks under ``compile: auto``: the compile
-#: (about 10-40 s on 2 CPU cores, a few seconds once Inductor's cache is warm) is then a small
+#: (about 15-60 s on 2 CPU cores, a few seconds once Inductor's cache is warm) is then a small
 #: share of the run, while short runs (smoke tests, sweeps of tiny runs) start at once
 COMPILE_AUTO_MIN_STEPS = 1000
 

@@ -13,7 +13,7 @@ from lmlab.distributed.hooks import data_parallel_rank_and_size
 from lmlab.models.config import TransformerConfig
 from lmlab.models.counting import count_params, flops_per_token, training_flops
 from lmlab.models.heads import CausalLM
-from lmlab.models.losses import linear_cross_entropy
+from lmlab.models.losses import compiled_head_nll, linear_cross_entropy
 from lmlab.models.transformer import documents_from_eos
 from lmlab.modules.base import LMModuleBase, StepResult, add_up
 from lmlab.modules.data_contract import PretrainData
@@ -110,8 +110,23 @@ class PretrainModule(LMModuleBase):
         wanted = setting is True or (setting == "auto" and self.config.padded_vocab_size >= FUSED_CE_AUTO_MIN_VOCAB)
         if not wanted or self._compiled is not None:
             return False
+        return self._head_weight_is_whole()
+
+    def _head_weight_is_whole(self) -> bool:
+        """Whether the LM head's weight is whole on this device (not sharded by FSDP/TP/ZeRO-3)."""
         weight = self.model.lm_head.weight
         return not hasattr(weight, "device_mesh") and not hasattr(weight, "ds_id")
+
+    def uses_compiled_head_loss(self) -> bool:
+        """Whether the LM head and its loss run compiled (:func:`~lmlab.models.losses.compiled_head_nll`).
+
+        They do when the blocks are compiled one by one (``compile: blocks``, or ``auto`` for a
+        long run) and the head's weight is whole on this device; a whole-model compile already
+        covers the head.
+        """
+        if self._compiled is not None or not getattr(self.model.backbone, "_compiled_blocks", None):
+            return False
+        return self._head_weight_is_whole()
 
     def _nll(self, tokens: torch.Tensor, normaliser: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-token NLL (B, T), targets, and the loss ``nll.sum() / normaliser`` for a (B, T+1) window batch."""
@@ -123,6 +138,10 @@ class PretrainModule(LMModuleBase):
             hidden = self.model.backbone(inputs, doc_ids=doc_ids)
             loss, nll = linear_cross_entropy(hidden, self.model.lm_head.weight, targets, normaliser)
             return nll, targets, loss
+        if self.uses_compiled_head_loss():
+            hidden = self.model.backbone(inputs, doc_ids=doc_ids)
+            nll = compiled_head_nll(hidden, self.model.lm_head.weight, targets)
+            return nll, targets, nll.sum() / normaliser
         logits = self.net(inputs, doc_ids=doc_ids)
         # cross_entropy runs in fp32 under autocast anyway; casting here keeps fp32 for bf16-true runs
         nll = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
