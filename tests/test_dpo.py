@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -90,7 +92,11 @@ def test_reward_accuracy_rises_with_training_and_precomputed_reference_matches(p
     module.settings.optimizer = OptimizerConfig(lr=3e-3, weight_decay=0.0)
     module.settings.schedule = ScheduleConfig(name="constant", warmup_steps=0)
     trainer = make_trainer(tmp_path, 20, limit_val_batches=None, val_check_interval=10, check_val_every_n_epoch=None)
-    trainer.fit(module, datamodule=dm)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(module, datamodule=dm)
+    # the frozen reference sits in eval mode by design: no Lightning warning about it on every run
+    assert not [w for w in caught if "in eval mode" in str(w.message)], [str(w.message) for w in caught]
     with torch.no_grad():
         _, after = module._loss(batch)
     assert float(after["rewards/accuracies"]) >= 0.8

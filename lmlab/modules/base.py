@@ -18,10 +18,12 @@ statistics (learning rate, grad norm, tokens, throughput, MFU) live here once.
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional, Sequence
 
 import lightning.pytorch as pl
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 import torch
 from torch import nn
 
@@ -115,6 +117,8 @@ class LMModuleBase(pl.LightningModule):
     """
 
     stage: str = "base"
+    # stages that hold frozen networks (reference, reward, teacher) in eval mode, or run the policy in eval mode
+    eval_modules_expected: bool = False
     #: what this stage reads from its DataModule (checked in ``setup``)
     data_protocol: type = StageData
     #: the DataModule setting named when the data's sequence length exceeds the model's
@@ -234,6 +238,9 @@ class LMModuleBase(pl.LightningModule):
         return self._compiled if self._compiled is not None else self.model
 
     def setup(self, stage: str) -> None:
+        if stage == "fit" and self.eval_modules_expected:
+            # Lightning warns at every fit that modules are in eval mode; in these stages that is the design
+            warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=PossibleUserWarning)
         self.apply_compile(stage)
         dm = self.trainer.datamodule if self._trainer is not None else None
         if dm is not None:

@@ -128,6 +128,7 @@ class DistillModule(PretrainModule):
     """
 
     stage = "distill"
+    eval_modules_expected = True
     data_protocol = StageData
 
     def __init__(

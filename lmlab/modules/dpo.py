@@ -93,6 +93,7 @@ class DPOModule(PostTrainModuleBase):
 
     stage = "dpo"
     frozen_prefixes = ("ref_model.",)
+    eval_modules_expected = True
     data_protocol = PreferenceData
 
     def __init__(

@@ -75,6 +75,7 @@ class PolicyRollouts:
     """
 
     rollout_networks: tuple[str, ...] = ("model", "ref_model", "reward_model")
+    eval_modules_expected = True
 
     def setup_rollouts(self, reward_model: Optional[str], reward_fn: Any, reward_fn_kwargs: Optional[dict],
                        ref_model: Optional[str], need_reference: bool = True) -> Any:
