@@ -15,6 +15,11 @@ Between decode steps the scheduler
   When a prompt is longer than the column, or the cache would overflow,
   the rows are first shifted left past the padding they all share.
 
+On the CPU, prefill and decode run through a copy of the model whose Linear
+weights are packed once for MKL (:mod:`lmlab.serving.packed`): at serving batch
+sizes unpacked GEMMs spend about as long repacking the weights on every call as
+multiplying, and the packed ones give bit-identical outputs.
+
 Sampling is per request (temperature, top-k, top-p, seed), with the same
 arithmetic as ``generate``, so greedy outputs match it token for token.
 
@@ -26,7 +31,9 @@ eager mode runs op by op. The compile happens in the constructor, on dummy rows
 (a spare free row when one is active) so a lone sequence does not trigger the
 size-1 specialization and a second compile mid-serving. Compiled kernels sum
 in another order than eager ones, so logits can differ in the last bits from
-``generate``; greedy outputs agree unless two tokens tie that closely.
+``generate``; greedy outputs agree unless two tokens tie that closely. The
+compiled step runs with inductor's freezing (weights as graph constants), which
+the packed GEMM needs.
 
 Sliding-window models keep the full-length cache here and apply the window in
 the attention mask (a row's tokens occupy contiguous columns, so column
@@ -47,6 +54,7 @@ import torch.nn.functional as F
 from lmlab.errors import ConfigError
 from lmlab.models.generation import filter_logits, left_pad
 from lmlab.models.transformer import KVCache
+from lmlab.serving.packed import pack_linears
 
 __all__ = ["SamplingParams", "GenerationRequest", "Engine", "QueueFull"]
 
@@ -110,6 +118,19 @@ class GenerationRequest:
         return self.finish_reason is not None
 
 
+def _frozen(compiled: Callable) -> Callable:
+    """Call ``compiled`` with inductor's freezing on (Dynamo reads the flag when it traces, so it is set around
+    every call, not given as a compile option): the weights become graph constants, which inductor needs to
+    call the packed GEMM of :mod:`lmlab.serving.packed`, and it folds what depends only on them."""
+    import torch._inductor.config as inductor_config
+
+    def call(*args, **kwargs):
+        with inductor_config.patch(freezing=True):
+            return compiled(*args, **kwargs)
+
+    return call
+
+
 class Engine:
     """Continuous-batching decoder for one :class:`~lmlab.models.CausalLM` (see the module docstring).
 
@@ -118,12 +139,16 @@ class Engine:
         tokenizer: Its tokenizer (decodes the generated text).
         max_batch: Sequences decoded together (rows of the KV cache).
         max_queue: Requests allowed to wait for a row; :meth:`submit` raises :class:`QueueFull` beyond it.
+        on_step: Called with no arguments after every scheduler iteration (its events have all been sent
+            through ``on_event``): a server hands the iteration's events to its event loop in one go.
         compile: Compile the decode step with ``torch.compile`` (see the module docstring); ignored when
             ``max_batch`` is 1, which has no spare row.
+        pack: Run prefill and decode through a copy of the model whose Linear weights are packed once for MKL
+            (:mod:`lmlab.serving.packed`; float32 on the CPU only, bit-identical outputs).
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, max_batch: int = 16, max_queue: int = 256,
-                 compile: bool = False):
+                 compile: bool = False, pack: bool = True, on_step: Optional[Callable[[], None]] = None):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.config = model.config
@@ -151,11 +176,14 @@ class Engine:
         self._stopping = False
         self.steps = 0
         self.max_rows_seen = 0
+        self.on_step = on_step
         self.finished: dict[str, int] = {}  # finish reason -> sequences
         self.compiled = compile and max_batch > 1
-        self._decode_model = self.model
+        # the model every step runs; self.model stays as given (generate() and callers use it unchanged)
+        self._run_model = pack_linears(self.model) if pack else self.model
+        self._decode_model = self._run_model
         if self.compiled:
-            self._decode_model = torch.compile(self.model, dynamic=True)
+            self._decode_model = _frozen(torch.compile(self._run_model, dynamic=True))
             self._warm_up()
 
     def _warm_up(self) -> None:
@@ -198,6 +226,8 @@ class Engine:
         self.submit(request)
         while not request.done:
             self.step()
+            if self.on_step is not None:
+                self.on_step()
         return request
 
     # -- the scheduler thread ------------------------------------------------------------------------
@@ -230,6 +260,8 @@ class Engine:
                     self._emit(r, None)
                 self.rows, self.waiting, self.length = [], deque(), 0
                 self.mask.zero_()
+            if self.on_step is not None:
+                self.on_step()
 
     # -- one scheduler iteration ---------------------------------------------------------------------
     @torch.inference_mode()
@@ -350,13 +382,20 @@ class Engine:
             self.length = 0
 
     def _shift(self, delta: int) -> None:
-        """Move every row's cache ``delta`` columns (left when negative); only padding wraps around."""
+        """Move every row's cache ``delta`` columns (left when negative). Only the columns some row uses move
+        (the whole cache would be megabytes per layer); the mask of the columns they leave is cleared."""
         if delta == 0:
             return
-        n = len(self.rows)
-        for t in self.cache.keys + self.cache.values:
-            t[:n] = torch.roll(t[:n], delta, dims=2)
-        self.mask[:n] = torch.roll(self.mask[:n], delta, dims=1)
+        n, L = len(self.rows), self.length
+        lo = min((r._start for r in self.rows), default=L)
+        if n and lo < L:
+            for t in self.cache.keys + self.cache.values:  # (rows, heads, columns, head_dim)
+                t[:n, :, lo + delta : L + delta] = t[:n, :, lo:L].clone()
+            self.mask[:n, lo + delta : L + delta] = self.mask[:n, lo:L].clone()
+            if delta < 0:
+                self.mask[:n, max(L + delta, lo) : L] = 0
+            else:
+                self.mask[:n, lo : min(lo + delta, L)] = 0
         for r in self.rows:
             r._start += delta
         self.length += delta
@@ -397,7 +436,7 @@ class Engine:
         k, P = ids.shape
         cache = KVCache.allocate(self.config, k, P, self.device, self.cache.keys[0].dtype)
         positions = (attn.cumsum(1) - 1).clamp(min=0)
-        logits = self.model(ids, position_ids=positions, attention_mask=attn, cache=cache)[:, -1]
+        logits = self._run_model(ids, position_ids=positions, attention_mask=attn, cache=cache)[:, -1]
         n, L = len(self.rows), self.length
         for src, dst in zip(cache.keys + cache.values, self.cache.keys + self.cache.values):
             dst[n : n + k, :, L - P : L] = src

@@ -5,8 +5,9 @@ Routes: ``GET /`` (the chat page), ``GET /v1/models``, ``POST /v1/completions``,
 events), ``GET /health``. Every request becomes one or more
 :class:`~lmlab.serving.engine.GenerationRequest` (one per prompt and choice)
 for the continuous-batching :class:`~lmlab.serving.engine.Engine`, which runs
-in its own thread; tokens travel back to the asyncio handlers through
-``call_soon_threadsafe``. A client that disconnects cancels its sequences,
+in its own thread; the tokens of each decode step travel back to the asyncio
+handlers together, in one ``call_soon_threadsafe`` per step (one per token
+would wake the event loop, and pay a system call, for every token). A client that disconnects cancels its sequences,
 which leave the batch before the next decode step.
 
 Errors use OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``:
@@ -63,7 +64,9 @@ class Service:
         from lmlab.serving.engine import Engine
         from lmlab.serving.prompts import Prompter
 
-        self.engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, compile=compile)
+        self.events = _StepEvents()
+        self.engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, compile=compile,
+                             on_step=self.events.flush)
         self.prompter = Prompter(tokenizer, stage)
         self.model_id = model_id
         self.capacity = model.config.max_seq_len
@@ -147,6 +150,37 @@ def _parse_body(raw: bytes, limit: int) -> dict:
     return body
 
 
+class _StepEvents:
+    """Events the engine thread produced during one step, handed to their event loops in one call per loop.
+
+    Only the engine thread appends and flushes; a list swap needs no lock under the GIL.
+    """
+
+    def __init__(self):
+        self.pending: list = []
+
+    def add(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, item) -> None:
+        self.pending.append((loop, queue, item))
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        batch, self.pending = self.pending, []
+        by_loop: dict = {}
+        for loop, queue, item in batch:
+            by_loop.setdefault(loop, []).append((queue, item))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # the loop has closed (server shutting down): nobody is listening
+                pass
+
+
+def _deliver(items: list) -> None:
+    for queue, item in items:
+        queue.put_nowait(item)
+
+
 class _Run:
     """The sequences of one HTTP request and the asyncio queue their events arrive on."""
 
@@ -161,8 +195,10 @@ class _Run:
 
         from lmlab.serving.engine import GenerationRequest, QueueFull
 
+        events, loop, queue = self.service.events, self.loop, self.queue
+
         def on_event(req, delta):
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, (req, delta))
+            events.add(loop, queue, (req, delta))
 
         for ids in prompts:
             self.prompt_tokens += len(ids)

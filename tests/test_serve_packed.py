@@ -1,0 +1,52 @@
+"""MKL-packed Linear layers for serving: bit-identical outputs, shared parameters, the given model untouched."""
+
+import pytest
+import torch
+from torch import nn
+
+from lmlab.models import CausalLM, TransformerConfig
+from lmlab.models.transformer import KVCache
+from lmlab.serving.packed import PackedLinear, can_pack, pack_linears
+
+
+def _model(**kw) -> CausalLM:
+    torch.manual_seed(0)
+    cfg = TransformerConfig(vocab_size=300, d_model=64, n_layers=2, n_heads=4, max_seq_len=64, **kw)
+    model = CausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    return model
+
+
+@pytest.mark.skipif(not can_pack(nn.Linear(2, 2)), reason="torch without MKL")
+@pytest.mark.parametrize("kw", [dict(tie_embeddings=True), dict(tie_embeddings=False, bias=True)], ids=["tied", "bias"])
+def test_packed_model_gives_bit_identical_logits_and_shares_weights(kw):
+    model = _model(**kw)
+    packed = pack_linears(model)
+    linears = [n for n, m in model.named_modules() if type(m) is nn.Linear]
+    assert linears and all(isinstance(packed.get_submodule(n), PackedLinear) for n in linears)
+    assert all(type(model.get_submodule(n)) is nn.Linear for n in linears)  # the given model is unchanged
+    assert packed.lm_head.weight is model.lm_head.weight
+    assert {id(p) for p in packed.parameters()} <= {id(p) for p in model.parameters()}
+    ids = torch.randint(0, 300, (5, 11))
+    mask = torch.ones(5, 14, dtype=torch.long)
+    mask[:2, :4] = 0
+    with torch.inference_mode():
+        caches = [KVCache.allocate(model.config, 5, 14, "cpu", torch.float32) for _ in range(2)]
+        # prefill (many rows per GEMM), then decode steps of 5, 3 and 1 rows (few rows per GEMM)
+        a, b = (m(ids, attention_mask=mask[:, :11], cache=c) for m, c in zip((model, packed), caches))
+        assert torch.equal(a, b)
+        for n in (5, 3, 1):
+            views = [KVCache([k[:n] for k in c.keys], [v[:n] for v in c.values], c.length) for c in caches]
+            tok, pos = torch.randint(0, 300, (n, 1)), torch.full((n, 1), views[0].length)
+            a, b = (m(tok, position_ids=pos, attention_mask=mask[:n, : views[0].length + 1], cache=v)
+                    for m, v in zip((model, packed), views))
+            assert torch.equal(a, b)
+            for c, v in zip(caches, views):
+                c.length = v.length
+
+
+def test_pack_linears_leaves_models_it_cannot_pack_alone():
+    model = _model(tie_embeddings=True).to(torch.float64)
+    assert not can_pack(model) and pack_linears(model) is model
