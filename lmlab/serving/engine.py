@@ -171,6 +171,7 @@ class Engine:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         # a tokenizer that cleans up spaces (" ." -> ".") can decode a window differently from the whole text
         self.incremental = not getattr(tokenizer, "clean_up_tokenization_spaces", False)
+        self._decode_ids = self._window_decoder(tokenizer)
         self._lock = threading.Condition()
         self._thread: Optional[threading.Thread] = None
         self._stopping = False
@@ -341,14 +342,29 @@ class Engine:
         if r.finish_reason is not None:
             self._emit(r, None)
 
+    @staticmethod
+    def _window_decoder(tokenizer: Any) -> Callable[[list[int]], str]:
+        """``ids -> text`` without special tokens. A transformers fast tokenizer that does not clean up spaces
+        decodes with its ``tokenizers`` backend alone; calling the backend directly skips a per-call
+        conversion of the ids that costs several times the decode itself (it runs twice per token)."""
+        backend = getattr(tokenizer, "_tokenizer", None)
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:  # pragma: no cover - transformers depends on tokenizers
+            Tokenizer = None
+        if Tokenizer is not None and isinstance(backend, Tokenizer) and not getattr(
+                tokenizer, "clean_up_tokenization_spaces", False):
+            return lambda ids: backend.decode(ids, skip_special_tokens=True)
+        return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
+
     def _decode_window(self, r: GenerationRequest, n: int) -> str:
         """The text of ``r.token_ids[:n]`` decoded a few tokens at a time (a full decode every token costs
         time quadratic in the length); the window restarts on the last token boundary that ended on a whole
         character, and its first tokens are decoded twice so a tokenizer's leading-space rule cancels out."""
         ids = r.token_ids
-        decode = self.tokenizer.decode
-        before = decode(ids[r._prefix : r._read], skip_special_tokens=True) if r._read > r._prefix else ""
-        now = decode(ids[r._prefix : n], skip_special_tokens=True)
+        decode = self._decode_ids
+        before = decode(ids[r._prefix : r._read]) if r._read > r._prefix else ""
+        now = decode(ids[r._prefix : n])
         if len(now) > len(before) and not now.endswith("\ufffd"):
             r._decoded += now[len(before):]
             r._prefix, r._read = r._read, n
