@@ -224,12 +224,19 @@ class _Run:
 
     async def events(self):
         """``(request, delta)`` pairs until every sequence has finished."""
+        async for batch in self.batches():
+            for event in batch:
+                yield event
+
+    async def batches(self):
+        """The same pairs, grouped as they arrived: each group is everything queued when the handler woke."""
         pending = len(self.requests)
         while pending:
-            req, delta = await self.queue.get()
-            if delta is None:
-                pending -= 1
-            yield req, delta
+            batch = [await self.queue.get()]
+            while not self.queue.empty():
+                batch.append(self.queue.get_nowait())
+            pending -= sum(delta is None for _, delta in batch)
+            yield batch
 
     def usage(self) -> dict:
         completion = sum(len(r.token_ids) for r in self.requests)
@@ -317,27 +324,29 @@ def create_app(service: Service):
                              "choices": choices, "usage": run.usage()})
 
     async def _stream(run: _Run, rid: str, obj: str, created: int, chat: bool, include_usage: bool):
+        # the fields every chunk repeats are serialized once; a chunk serializes only its choices (and usage)
+        head = "data: " + json.dumps({"id": rid, "object": obj, "created": created, "model": service.model_id})[:-1]
+
         def chunk(choices, usage=None):
-            data = {"id": rid, "object": obj, "created": created, "model": service.model_id, "choices": choices}
-            if include_usage:
-                data["usage"] = usage
-            return f"data: {json.dumps(data)}\n\n"
+            tail = f', "usage": {json.dumps(usage)}' if include_usage else ""
+            return f'{head}, "choices": {json.dumps(choices)}{tail}}}\n\n'
+
+        def event(req, delta):
+            if delta is not None:
+                payload = {"content": delta} if chat else None
+                return chunk([{"index": req.index, "finish_reason": None, "logprobs": None,
+                               **({"delta": payload} if chat else {"text": delta})}])
+            return chunk([{"index": req.index, "finish_reason": _finish(req), "logprobs": None,
+                           **({"delta": {}} if chat else {"text": ""})}])
 
         try:
             if chat:
                 yield chunk([{"index": r.index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
                              for r in run.requests])
-            async for req, delta in run.events():
-                if delta is not None:
-                    payload = {"content": delta} if chat else None
-                    yield chunk([{"index": req.index, "finish_reason": None, "logprobs": None,
-                                  **({"delta": payload} if chat else {"text": delta})}])
-                else:
-                    yield chunk([{"index": req.index, "finish_reason": _finish(req), "logprobs": None,
-                                  **({"delta": {}} if chat else {"text": ""})}])
-            if include_usage:
-                yield chunk([], run.usage())
-            yield "data: [DONE]\n\n"
+            # one write for the events that arrived together (still one server-sent event per token)
+            async for batch in run.batches():
+                yield "".join(event(req, delta) for req, delta in batch)
+            yield (chunk([], run.usage()) if include_usage else "") + "data: [DONE]\n\n"
         finally:
             run.cancel()  # a client that went away frees its rows
 
