@@ -50,3 +50,29 @@ def test_packed_model_gives_bit_identical_logits_and_shares_weights(kw):
 def test_pack_linears_leaves_models_it_cannot_pack_alone():
     model = _model(tie_embeddings=True).to(torch.float64)
     assert not can_pack(model) and pack_linears(model) is model
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2], ids=["mha", "gqa"])
+def test_reduction_decode_attention_matches_sdpa_on_one_token_steps(kv_heads):
+    """The compiled decode step's attention (multiply-and-sum) equals SDPA's up to float rounding on one-token
+    cached steps with padding, and is SDPA itself for prefill (bit-identical)."""
+    from lmlab.serving.decode_attention import ReductionDecodeAttention, use_reduction_decode_attention
+    from lmlab.serving.packed import shared_copy
+
+    model = _model(tie_embeddings=True, n_kv_heads=kv_heads)
+    reduced = use_reduction_decode_attention(shared_copy(model))
+    assert all(type(b.attn) is ReductionDecodeAttention for b in reduced.backbone.blocks)
+    assert all(type(b.attn).__name__ == "Attention" for b in model.backbone.blocks)  # the original is untouched
+    ids = torch.randint(0, 300, (4, 9))
+    mask = torch.ones(4, 13, dtype=torch.long)
+    mask[:2, :5] = 0  # left padding
+    with torch.inference_mode():
+        caches = [KVCache.allocate(model.config, 4, 13, "cpu", torch.float32) for _ in range(2)]
+        a, b = (m(ids, attention_mask=mask[:, :9], cache=c) for m, c in zip((model, reduced), caches))
+        assert torch.equal(a, b)
+        for step in range(4):
+            tok, pos = torch.randint(0, 300, (4, 1)), torch.full((4, 1), 9 + step)
+            a, b = (m(tok, position_ids=pos, attention_mask=mask[:, : 10 + step], cache=c)
+                    for m, c in zip((model, reduced), caches))
+            torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
+            assert a.abs().max() > 1  # logits of a scaled-up random model: the tolerance is tight relative to them

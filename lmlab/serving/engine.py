@@ -34,7 +34,8 @@ in another order than eager ones, so logits can differ in the last bits from
 ``generate``; greedy outputs agree unless two tokens tie that closely. The
 compiled step runs with inductor's freezing (weights as graph constants), which
 the packed GEMM needs, and its C++ wrapper (kernels launched from C++, not
-from generated Python).
+from generated Python); its attention is written as reductions that inductor
+fuses (:mod:`lmlab.serving.decode_attention`), which sum in yet another order.
 
 Sliding-window models keep the full-length cache here and apply the window in
 the attention mask (a row's tokens occupy contiguous columns, so column
@@ -55,7 +56,8 @@ import torch.nn.functional as F
 from lmlab.errors import ConfigError
 from lmlab.models.generation import filter_logits, left_pad
 from lmlab.models.transformer import KVCache
-from lmlab.serving.packed import pack_linears
+from lmlab.serving.decode_attention import use_reduction_decode_attention
+from lmlab.serving.packed import pack_linears, shared_copy
 
 __all__ = ["SamplingParams", "GenerationRequest", "Engine", "QueueFull"]
 
@@ -187,6 +189,10 @@ class Engine:
         self._run_model = pack_linears(self.model) if pack else self.model
         self._decode_model = self._run_model
         if self.compiled:
+            if self._run_model is self.model:
+                self._run_model = shared_copy(self.model)
+            # only the one-token cached step changes; prefill (several tokens) stays the plain attention
+            use_reduction_decode_attention(self._run_model)
             self._decode_model = _frozen(torch.compile(self._run_model, dynamic=True))
             self._warm_up()
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["PackedLinear", "can_pack", "pack_linears"]
+__all__ = ["PackedLinear", "can_pack", "pack_linears", "shared_copy"]
 
 # the row count MKL packs for; the packed layout serves any number of rows
 _PACK_ROWS = 16
@@ -55,10 +55,15 @@ def pack_linears(model: nn.Module) -> nn.Module:
     (``model`` itself is unchanged); ``model`` when :func:`can_pack` is False."""
     if not can_pack(model):
         return model
-    shared = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
-    packed = copy.deepcopy(model, memo=shared)
+    packed = shared_copy(model)
     for module in list(packed.modules()):
         for name, child in list(module.named_children()):
             if type(child) is nn.Linear and child.weight.dtype == torch.float32:
                 setattr(module, name, PackedLinear(child))
     return packed
+
+
+def shared_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model``'s module tree that shares its parameters and buffers (no tensor is copied)."""
+    shared = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+    return copy.deepcopy(model, memo=shared)
