@@ -1,4 +1,5 @@
-"""MKL-packed Linear layers for serving: bit-identical outputs, shared parameters, the given model untouched."""
+"""MKL-packed Linear layers for serving: outputs equal to the unpacked model's (bit for bit at row counts other
+than the packed one), shared parameters, the given model untouched."""
 
 import pytest
 import torch
@@ -21,9 +22,9 @@ def _model(**kw) -> CausalLM:
 
 @pytest.mark.skipif(not can_pack(nn.Linear(2, 2)), reason="torch without MKL")
 @pytest.mark.parametrize("kw", [dict(tie_embeddings=True), dict(tie_embeddings=False, bias=True)], ids=["tied", "bias"])
-def test_packed_model_gives_bit_identical_logits_and_shares_weights(kw):
+def test_packed_model_gives_the_same_logits_and_shares_weights(kw):
     model = _model(**kw)
-    packed = pack_linears(model)
+    packed = pack_linears(model, rows=5)  # the 5-row decode step multiplies packed, the others fall back
     linears = [n for n, m in model.named_modules() if type(m) is nn.Linear]
     assert linears and all(isinstance(packed.get_submodule(n), PackedLinear) for n in linears)
     assert all(type(model.get_submodule(n)) is nn.Linear for n in linears)  # the given model is unchanged
@@ -34,7 +35,7 @@ def test_packed_model_gives_bit_identical_logits_and_shares_weights(kw):
     mask[:2, :4] = 0
     with torch.inference_mode():
         caches = [KVCache.allocate(model.config, 5, 14, "cpu", torch.float32) for _ in range(2)]
-        # prefill (many rows per GEMM), then decode steps of 5, 3 and 1 rows (few rows per GEMM)
+        # prefill (55 rows per GEMM), then decode steps of 5 (the packed row count), 3 and 1 rows
         a, b = (m(ids, attention_mask=mask[:, :11], cache=c) for m, c in zip((model, packed), caches))
         assert torch.equal(a, b)
         for n in (5, 3, 1):
@@ -42,14 +43,19 @@ def test_packed_model_gives_bit_identical_logits_and_shares_weights(kw):
             tok, pos = torch.randint(0, 300, (n, 1)), torch.full((n, 1), views[0].length)
             a, b = (m(tok, position_ids=pos, attention_mask=mask[:n, : views[0].length + 1], cache=v)
                     for m, v in zip((model, packed), views))
-            assert torch.equal(a, b)
+            if n == 5:  # the packed product: MKL may use another kernel than for the unpacked one
+                torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
+            else:  # unpacked, the GEMM F.linear uses
+                assert torch.equal(a, b)
             for c, v in zip(caches, views):
                 c.length = v.length
+            for ref, other in zip(caches[0].keys + caches[0].values, caches[1].keys + caches[1].values):
+                other.copy_(ref)  # the next step starts from the same cache
 
 
 def test_pack_linears_leaves_models_it_cannot_pack_alone():
     model = _model(tie_embeddings=True).to(torch.float64)
-    assert not can_pack(model) and pack_linears(model) is model
+    assert not can_pack(model) and pack_linears(model, rows=4) is model
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2], ids=["mha", "gqa"])

@@ -15,11 +15,6 @@ Between decode steps the scheduler
   When a prompt is longer than the column, or the cache would overflow,
   the rows are first shifted left past the padding they all share.
 
-On the CPU, prefill and decode run through a copy of the model whose Linear
-weights are packed once for MKL (:mod:`lmlab.serving.packed`): at serving batch
-sizes unpacked GEMMs spend about as long repacking the weights on every call as
-multiplying, and the packed ones give bit-identical outputs.
-
 Sampling is per request (temperature, top-k, top-p, seed), with the same
 arithmetic as ``generate``, so greedy outputs match it token for token.
 
@@ -31,9 +26,12 @@ eager mode runs op by op. The compile happens in the constructor, on dummy rows
 (a spare free row when one is active) so a lone sequence does not trigger the
 size-1 specialization and a second compile mid-serving. Compiled kernels sum
 in another order than eager ones, so logits can differ in the last bits from
-``generate``; greedy outputs agree unless two tokens tie that closely. The
-compiled step runs with inductor's freezing (weights as graph constants), which
-the packed GEMM needs, and its C++ wrapper (kernels launched from C++, not
+``generate``; greedy outputs agree unless two tokens tie that closely. On the
+CPU the compiled step multiplies with Linear weights packed once for MKL
+(:mod:`lmlab.serving.packed`; at serving batch sizes an unpacked GEMM spends
+about as long repacking the weight on every call as multiplying). It runs with
+inductor's freezing (weights as graph constants), which the packed GEMM
+needs, and its C++ wrapper (kernels launched from C++, not
 from generated Python); its attention is written as reductions that inductor
 fuses (:mod:`lmlab.serving.decode_attention`), which sum in yet another order.
 
@@ -148,8 +146,8 @@ class Engine:
             through ``on_event``): a server hands the iteration's events to its event loop in one go.
         compile: Compile the decode step with ``torch.compile`` (see the module docstring); ignored when
             ``max_batch`` is 1, which has no spare row.
-        pack: Run prefill and decode through a copy of the model whose Linear weights are packed once for MKL
-            (:mod:`lmlab.serving.packed`; float32 on the CPU only, bit-identical outputs).
+        pack: With ``compile``, decode through a copy of the model whose Linear weights are packed once for
+            MKL for steps of ``max_batch`` rows (:mod:`lmlab.serving.packed`; float32 on the CPU only).
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, max_batch: int = 16, max_queue: int = 256,
@@ -186,9 +184,11 @@ class Engine:
         self.finished: dict[str, int] = {}  # finish reason -> sequences
         self.compiled = compile and max_batch > 1
         # the model every step runs; self.model stays as given (generate() and callers use it unchanged)
-        self._run_model = pack_linears(self.model) if pack else self.model
-        self._decode_model = self._run_model
+        self._run_model = self._decode_model = self.model
         if self.compiled:
+            # packed for full decode steps (max_batch rows); other row counts (prefill, fewer rows) multiply
+            # unpacked, as eager does
+            self._run_model = pack_linears(self.model, max_batch) if pack else shared_copy(self.model)
             if self._run_model is self.model:
                 self._run_model = shared_copy(self.model)
             # only the one-token cached step changes; prefill (several tokens) stays the plain attention

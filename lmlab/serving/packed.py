@@ -5,10 +5,15 @@ spends about as long packing its weight into MKL's blocked layout as
 multiplying with it, and it repacks on every call. :func:`pack_linears`
 returns a copy of a model whose ``nn.Linear`` layers hold that layout from
 the start (``torch.ops.mkl._mkl_linear``, the kernel inductor's CPU freezing
-uses). MKL computes the packed product with the same kernels as the unpacked
-one, so the outputs are bit-identical to the original model's (the serving
-tests compare them); the copy shares every parameter with the original, and
-the packed weights are a snapshot: pack again after changing the weights.
+uses). A packed weight serves products of exactly the row count it was packed
+for (the engine packs for its batch, the row count of every full decode
+step); other row counts take the ordinary GEMM, bit-identical to
+``F.linear``. The packed product itself equals the unpacked one in the last
+bits only where MKL picks the same kernel for both (at 16 and more rows in
+our measurements, not for a few rows), so the serving engine packs only its
+compiled decode step, whose logits already differ from eager ones in the last
+bits. The copy shares every parameter with the original, and the packed
+weights are a snapshot: pack again after changing the weights.
 """
 
 from __future__ import annotations
@@ -21,9 +26,6 @@ from torch import nn
 
 __all__ = ["PackedLinear", "can_pack", "pack_linears", "shared_copy"]
 
-# the row count MKL packs for; the packed layout serves any number of rows
-_PACK_ROWS = 16
-
 
 def can_pack(model: nn.Module) -> bool:
     """Whether :func:`pack_linears` applies: float32 weights on the CPU and a torch built with MKL."""
@@ -35,31 +37,35 @@ def can_pack(model: nn.Module) -> bool:
 class PackedLinear(nn.Module):
     """``nn.Linear`` whose weight is also kept in MKL's packed layout (see the module docstring)."""
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, rows: int):
         super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        # the original tensors, shared, not copied: the MKL op also reads the plain weight (for its shape)
+        self.in_features, self.out_features, self.rows = linear.in_features, linear.out_features, rows
+        # the original tensors, shared, not copied: the MKL op multiplies other row counts with the plain weight
         self.weight = linear.weight
         self.bias = linear.bias
-        self.register_buffer("packed", torch.ops.mkl._mkl_reorder_linear_weight(linear.weight.detach(), _PACK_ROWS),
+        self.register_buffer("packed", torch.ops.mkl._mkl_reorder_linear_weight(linear.weight.detach(), rows),
                              persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != torch.float32 or torch.is_grad_enabled():
             return F.linear(x, self.weight, self.bias)
-        return torch.ops.mkl._mkl_linear(x, self.packed, self.weight, self.bias, _PACK_ROWS)
+        # rows flattened: the op's fallback for another row count is then the 2-D GEMM F.linear uses (on a
+        # (rows, 1, features) input it would run one matrix-vector product per row)
+        out = torch.ops.mkl._mkl_linear(x.reshape(-1, self.in_features), self.packed, self.weight, self.bias, self.rows)
+        return out.view(*x.shape[:-1], self.out_features)
 
 
-def pack_linears(model: nn.Module) -> nn.Module:
+def pack_linears(model: nn.Module, rows: int) -> nn.Module:
     """A copy of ``model`` sharing its parameters, with every float32 ``nn.Linear`` a :class:`PackedLinear`
-    (``model`` itself is unchanged); ``model`` when :func:`can_pack` is False."""
+    packed for products of ``rows`` rows (``model`` itself is unchanged); ``model`` when :func:`can_pack`
+    is False."""
     if not can_pack(model):
         return model
     packed = shared_copy(model)
     for module in list(packed.modules()):
         for name, child in list(module.named_children()):
             if type(child) is nn.Linear and child.weight.dtype == torch.float32:
-                setattr(module, name, PackedLinear(child))
+                setattr(module, name, PackedLinear(child, rows))
     return packed
 
 
