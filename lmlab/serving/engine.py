@@ -26,14 +26,16 @@ eager mode runs op by op. The compile happens in the constructor, on dummy rows
 (a spare free row when one is active) so a lone sequence does not trigger the
 size-1 specialization and a second compile mid-serving. Compiled kernels sum
 in another order than eager ones, so logits can differ in the last bits from
-``generate``; greedy outputs agree unless two tokens tie that closely. On the
-CPU the compiled step multiplies with Linear weights packed once for MKL
-(:mod:`lmlab.serving.packed`; at serving batch sizes an unpacked GEMM spends
-about as long repacking the weight on every call as multiplying). It runs with
-inductor's freezing (weights as graph constants), which the packed GEMM
-needs, and its C++ wrapper (kernels launched from C++, not
-from generated Python); its attention is written as reductions that inductor
-fuses (:mod:`lmlab.serving.decode_attention`), which sum in yet another order.
+``generate``; greedy outputs agree unless two tokens tie that closely.
+
+On the CPU (on a GPU the compiled step is the plain model) the compiled step
+multiplies with Linear weights packed once for MKL (:mod:`lmlab.serving.packed`;
+at serving batch sizes an unpacked GEMM spends about as long repacking the
+weight on every call as multiplying), runs with inductor's freezing (weights
+as graph constants, which the packed GEMM needs) and C++ wrapper (kernels
+launched from C++, not from generated Python), and writes one-token attention
+as reductions that inductor fuses (:mod:`lmlab.serving.decode_attention`);
+these sum in other orders again, within the same last-bits tolerance.
 
 Sliding-window models keep the full-length cache here and apply the window in
 the attention mask (a row's tokens occupy contiguous columns, so column
@@ -146,8 +148,8 @@ class Engine:
             through ``on_event``): a server hands the iteration's events to its event loop in one go.
         compile: Compile the decode step with ``torch.compile`` (see the module docstring); ignored when
             ``max_batch`` is 1, which has no spare row.
-        pack: With ``compile``, decode through a copy of the model whose Linear weights are packed once for
-            MKL for steps of ``max_batch`` rows (:mod:`lmlab.serving.packed`; float32 on the CPU only).
+        pack: With ``compile`` on the CPU, decode through a copy of the model whose Linear weights are packed
+            once for MKL for steps of ``max_batch`` rows (:mod:`lmlab.serving.packed`; float32 only).
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, max_batch: int = 16, max_queue: int = 256,
@@ -185,7 +187,11 @@ class Engine:
         self.compiled = compile and max_batch > 1
         # the model every step runs; self.model stays as given (generate() and callers use it unchanged)
         self._run_model = self._decode_model = self.model
-        if self.compiled:
+        if self.compiled and self.device.type != "cpu":
+            # the CPU measures below do not apply (no MKL packing; SDPA's GPU kernels are fused already)
+            self._decode_model = torch.compile(self.model, dynamic=True)
+            self._warm_up()
+        elif self.compiled:
             # packed for full decode steps (max_batch rows); other row counts (prefill, fewer rows) multiply
             # unpacked, as eager does
             self._run_model = pack_linears(self.model, max_batch) if pack else shared_copy(self.model)
