@@ -360,15 +360,17 @@ class Engine:
     @staticmethod
     def _window_decoder(tokenizer: Any) -> Callable[[list[int]], str]:
         """``ids -> text`` without special tokens. A transformers fast tokenizer that does not clean up spaces
-        decodes with its ``tokenizers`` backend alone; calling the backend directly skips a per-call
-        conversion of the ids that costs several times the decode itself (it runs twice per token)."""
-        backend = getattr(tokenizer, "_tokenizer", None)
+        (and whose class keeps transformers' own decoding) decodes with its ``tokenizers`` backend alone;
+        calling the backend directly skips a per-call conversion of the ids that costs several times the
+        decode itself (it runs twice per token)."""
         try:
             from tokenizers import Tokenizer
-        except ImportError:  # pragma: no cover - transformers depends on tokenizers
-            Tokenizer = None
-        if Tokenizer is not None and isinstance(backend, Tokenizer) and not getattr(
-                tokenizer, "clean_up_tokenization_spaces", False):
+            from transformers import PreTrainedTokenizerFast as Fast
+        except ImportError:  # pragma: no cover - both are dependencies
+            return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
+        backend = getattr(tokenizer, "_tokenizer", None)
+        plain = isinstance(tokenizer, Fast) and type(tokenizer).decode is Fast.decode and type(tokenizer)._decode is Fast._decode
+        if plain and isinstance(backend, Tokenizer) and not getattr(tokenizer, "clean_up_tokenization_spaces", False):
             return lambda ids: backend.decode(ids, skip_special_tokens=True)
         return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
 
