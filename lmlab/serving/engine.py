@@ -369,7 +369,8 @@ class Engine:
         except ImportError:  # pragma: no cover - both are dependencies
             return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
         backend = getattr(tokenizer, "_tokenizer", None)
-        plain = isinstance(tokenizer, Fast) and type(tokenizer).decode is Fast.decode and type(tokenizer)._decode is Fast._decode
+        cls = type(tokenizer)
+        plain = isinstance(tokenizer, Fast) and cls.decode is Fast.decode and cls._decode is Fast._decode
         if plain and isinstance(backend, Tokenizer) and not getattr(tokenizer, "clean_up_tokenization_spaces", False):
             return lambda ids: backend.decode(ids, skip_special_tokens=True)
         return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
