@@ -343,6 +343,10 @@ def test_streamed_text_decoded_in_windows_equals_the_full_decode(model_dir):
     tok = ck.tokenizer()
     engine = Engine(ck.causal_lm(), tok, max_batch=1)
     assert engine.incremental
+    # windows are decoded by the tokenizers backend directly, as transformers' decode would
+    ids = list(range(len(tok) - 70, len(tok))) + [5, 200, 7]
+    assert engine._decode_ids(ids) == tok.decode(ids, skip_special_tokens=True)
+    assert "backend" in engine._decode_ids.__code__.co_freevars
     # byte-level BPE: ids of single bytes, among them lead and continuation bytes of multi-byte characters
     byte_ids = [i for i in range(len(tok)) if len(tok.convert_ids_to_tokens(i)) == 1]
     rng = np.random.default_rng(0)

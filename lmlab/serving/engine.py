@@ -28,6 +28,15 @@ size-1 specialization and a second compile mid-serving. Compiled kernels sum
 in another order than eager ones, so logits can differ in the last bits from
 ``generate``; greedy outputs agree unless two tokens tie that closely.
 
+On the CPU (on a GPU the compiled step is the plain model) the compiled step
+multiplies with Linear weights packed once for MKL (:mod:`lmlab.serving.packed`;
+at serving batch sizes an unpacked GEMM spends about as long repacking the
+weight on every call as multiplying), runs with inductor's freezing (weights
+as graph constants, which the packed GEMM needs) and C++ wrapper (kernels
+launched from C++, not from generated Python), and writes one-token attention
+as reductions that inductor fuses (:mod:`lmlab.serving.decode_attention`);
+these sum in other orders again, within the same last-bits tolerance.
+
 Sliding-window models keep the full-length cache here and apply the window in
 the attention mask (a row's tokens occupy contiguous columns, so column
 distance is token distance); linear-attention models are refused.
@@ -47,6 +56,8 @@ import torch.nn.functional as F
 from lmlab.errors import ConfigError
 from lmlab.models.generation import filter_logits, left_pad
 from lmlab.models.transformer import KVCache
+from lmlab.serving.decode_attention import use_reduction_decode_attention
+from lmlab.serving.packed import pack_linears, shared_copy
 
 __all__ = ["SamplingParams", "GenerationRequest", "Engine", "QueueFull"]
 
@@ -110,6 +121,21 @@ class GenerationRequest:
         return self.finish_reason is not None
 
 
+def _frozen(compiled: Callable) -> Callable:
+    """Call ``compiled`` with inductor's freezing and C++ wrapper on. Freezing makes the weights graph
+    constants, which inductor needs to call the packed GEMM of :mod:`lmlab.serving.packed` (Dynamo reads the
+    flag when it traces, so it is set around every call, not given as a compile option). The C++ wrapper
+    launches the step's ~40 kernels from C++ instead of generated Python (about a tenth less CPU per token
+    at 16 rows on the CPU)."""
+    import torch._inductor.config as inductor_config
+
+    def call(*args, **kwargs):
+        with inductor_config.patch(freezing=True, cpp_wrapper=True):
+            return compiled(*args, **kwargs)
+
+    return call
+
+
 class Engine:
     """Continuous-batching decoder for one :class:`~lmlab.models.CausalLM` (see the module docstring).
 
@@ -118,12 +144,16 @@ class Engine:
         tokenizer: Its tokenizer (decodes the generated text).
         max_batch: Sequences decoded together (rows of the KV cache).
         max_queue: Requests allowed to wait for a row; :meth:`submit` raises :class:`QueueFull` beyond it.
+        on_step: Called with no arguments after every scheduler iteration (its events have all been sent
+            through ``on_event``): a server hands the iteration's events to its event loop in one go.
         compile: Compile the decode step with ``torch.compile`` (see the module docstring); ignored when
             ``max_batch`` is 1, which has no spare row.
+        pack: With ``compile`` on the CPU, decode through a copy of the model whose Linear weights are packed
+            once for MKL for steps of ``max_batch`` rows (:mod:`lmlab.serving.packed`; float32 only).
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, max_batch: int = 16, max_queue: int = 256,
-                 compile: bool = False):
+                 compile: bool = False, pack: bool = True, on_step: Optional[Callable[[], None]] = None):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.config = model.config
@@ -146,16 +176,30 @@ class Engine:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         # a tokenizer that cleans up spaces (" ." -> ".") can decode a window differently from the whole text
         self.incremental = not getattr(tokenizer, "clean_up_tokenization_spaces", False)
+        self._decode_ids = self._window_decoder(tokenizer)
         self._lock = threading.Condition()
         self._thread: Optional[threading.Thread] = None
         self._stopping = False
         self.steps = 0
         self.max_rows_seen = 0
+        self.on_step = on_step
         self.finished: dict[str, int] = {}  # finish reason -> sequences
         self.compiled = compile and max_batch > 1
-        self._decode_model = self.model
-        if self.compiled:
+        # the model every step runs; self.model stays as given (generate() and callers use it unchanged)
+        self._run_model = self._decode_model = self.model
+        if self.compiled and self.device.type != "cpu":
+            # the CPU measures below do not apply (no MKL packing; SDPA's GPU kernels are fused already)
             self._decode_model = torch.compile(self.model, dynamic=True)
+            self._warm_up()
+        elif self.compiled:
+            # packed for full decode steps (max_batch rows); other row counts (prefill, fewer rows) multiply
+            # unpacked, as eager does
+            self._run_model = pack_linears(self.model, max_batch) if pack else shared_copy(self.model)
+            if self._run_model is self.model:
+                self._run_model = shared_copy(self.model)
+            # only the one-token cached step changes; prefill (several tokens) stays the plain attention
+            use_reduction_decode_attention(self._run_model)
+            self._decode_model = _frozen(torch.compile(self._run_model, dynamic=True))
             self._warm_up()
 
     def _warm_up(self) -> None:
@@ -198,6 +242,8 @@ class Engine:
         self.submit(request)
         while not request.done:
             self.step()
+            if self.on_step is not None:
+                self.on_step()
         return request
 
     # -- the scheduler thread ------------------------------------------------------------------------
@@ -230,6 +276,8 @@ class Engine:
                     self._emit(r, None)
                 self.rows, self.waiting, self.length = [], deque(), 0
                 self.mask.zero_()
+            if self.on_step is not None:
+                self.on_step()
 
     # -- one scheduler iteration ---------------------------------------------------------------------
     @torch.inference_mode()
@@ -309,14 +357,32 @@ class Engine:
         if r.finish_reason is not None:
             self._emit(r, None)
 
+    @staticmethod
+    def _window_decoder(tokenizer: Any) -> Callable[[list[int]], str]:
+        """``ids -> text`` without special tokens. A transformers fast tokenizer that does not clean up spaces
+        (and whose class keeps transformers' own decoding) decodes with its ``tokenizers`` backend alone;
+        calling the backend directly skips a per-call conversion of the ids that costs several times the
+        decode itself (it runs twice per token)."""
+        try:
+            from tokenizers import Tokenizer
+            from transformers import PreTrainedTokenizerFast as Fast
+        except ImportError:  # pragma: no cover - both are dependencies
+            return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
+        backend = getattr(tokenizer, "_tokenizer", None)
+        cls = type(tokenizer)
+        plain = isinstance(tokenizer, Fast) and cls.decode is Fast.decode and cls._decode is Fast._decode
+        if plain and isinstance(backend, Tokenizer) and not getattr(tokenizer, "clean_up_tokenization_spaces", False):
+            return lambda ids: backend.decode(ids, skip_special_tokens=True)
+        return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
+
     def _decode_window(self, r: GenerationRequest, n: int) -> str:
         """The text of ``r.token_ids[:n]`` decoded a few tokens at a time (a full decode every token costs
         time quadratic in the length); the window restarts on the last token boundary that ended on a whole
         character, and its first tokens are decoded twice so a tokenizer's leading-space rule cancels out."""
         ids = r.token_ids
-        decode = self.tokenizer.decode
-        before = decode(ids[r._prefix : r._read], skip_special_tokens=True) if r._read > r._prefix else ""
-        now = decode(ids[r._prefix : n], skip_special_tokens=True)
+        decode = self._decode_ids
+        before = decode(ids[r._prefix : r._read]) if r._read > r._prefix else ""
+        now = decode(ids[r._prefix : n])
         if len(now) > len(before) and not now.endswith("\ufffd"):
             r._decoded += now[len(before):]
             r._prefix, r._read = r._read, n
@@ -350,13 +416,20 @@ class Engine:
             self.length = 0
 
     def _shift(self, delta: int) -> None:
-        """Move every row's cache ``delta`` columns (left when negative); only padding wraps around."""
+        """Move every row's cache ``delta`` columns (left when negative). Only the columns some row uses move
+        (the whole cache would be megabytes per layer); the mask of the columns they leave is cleared."""
         if delta == 0:
             return
-        n = len(self.rows)
-        for t in self.cache.keys + self.cache.values:
-            t[:n] = torch.roll(t[:n], delta, dims=2)
-        self.mask[:n] = torch.roll(self.mask[:n], delta, dims=1)
+        n, L = len(self.rows), self.length
+        lo = min((r._start for r in self.rows), default=L)
+        if n and lo < L:
+            for t in self.cache.keys + self.cache.values:  # (rows, heads, columns, head_dim)
+                t[:n, :, lo + delta : L + delta] = t[:n, :, lo:L].clone()
+            self.mask[:n, lo + delta : L + delta] = self.mask[:n, lo:L].clone()
+            if delta < 0:
+                self.mask[:n, max(L + delta, lo) : L] = 0
+            else:
+                self.mask[:n, lo : min(lo + delta, L)] = 0
         for r in self.rows:
             r._start += delta
         self.length += delta
@@ -397,7 +470,7 @@ class Engine:
         k, P = ids.shape
         cache = KVCache.allocate(self.config, k, P, self.device, self.cache.keys[0].dtype)
         positions = (attn.cumsum(1) - 1).clamp(min=0)
-        logits = self.model(ids, position_ids=positions, attention_mask=attn, cache=cache)[:, -1]
+        logits = self._run_model(ids, position_ids=positions, attention_mask=attn, cache=cache)[:, -1]
         n, L = len(self.rows), self.length
         for src, dst in zip(cache.keys + cache.values, self.cache.keys + self.cache.values):
             dst[n : n + k, :, L - P : L] = src

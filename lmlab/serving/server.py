@@ -5,8 +5,9 @@ Routes: ``GET /`` (the chat page), ``GET /v1/models``, ``POST /v1/completions``,
 events), ``GET /health``. Every request becomes one or more
 :class:`~lmlab.serving.engine.GenerationRequest` (one per prompt and choice)
 for the continuous-batching :class:`~lmlab.serving.engine.Engine`, which runs
-in its own thread; tokens travel back to the asyncio handlers through
-``call_soon_threadsafe``. A client that disconnects cancels its sequences,
+in its own thread; the tokens of each decode step travel back to the asyncio
+handlers together, in one ``call_soon_threadsafe`` per step (one per token
+would wake the event loop, and pay a system call, for every token). A client that disconnects cancels its sequences,
 which leave the batch before the next decode step.
 
 Errors use OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``:
@@ -63,7 +64,9 @@ class Service:
         from lmlab.serving.engine import Engine
         from lmlab.serving.prompts import Prompter
 
-        self.engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, compile=compile)
+        self.events = _StepEvents()
+        self.engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, compile=compile,
+                             on_step=self.events.flush)
         self.prompter = Prompter(tokenizer, stage)
         self.model_id = model_id
         self.capacity = model.config.max_seq_len
@@ -147,6 +150,37 @@ def _parse_body(raw: bytes, limit: int) -> dict:
     return body
 
 
+class _StepEvents:
+    """Events the engine thread produced during one step, handed to their event loops in one call per loop.
+
+    Only the engine thread appends and flushes; a list swap needs no lock under the GIL.
+    """
+
+    def __init__(self):
+        self.pending: list = []
+
+    def add(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, item) -> None:
+        self.pending.append((loop, queue, item))
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        batch, self.pending = self.pending, []
+        by_loop: dict = {}
+        for loop, queue, item in batch:
+            by_loop.setdefault(loop, []).append((queue, item))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # the loop has closed (server shutting down): nobody is listening
+                pass
+
+
+def _deliver(items: list) -> None:
+    for queue, item in items:
+        queue.put_nowait(item)
+
+
 class _Run:
     """The sequences of one HTTP request and the asyncio queue their events arrive on."""
 
@@ -161,8 +195,10 @@ class _Run:
 
         from lmlab.serving.engine import GenerationRequest, QueueFull
 
+        events, loop, queue = self.service.events, self.loop, self.queue
+
         def on_event(req, delta):
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, (req, delta))
+            events.add(loop, queue, (req, delta))
 
         for ids in prompts:
             self.prompt_tokens += len(ids)
@@ -188,12 +224,19 @@ class _Run:
 
     async def events(self):
         """``(request, delta)`` pairs until every sequence has finished."""
+        async for batch in self.batches():
+            for event in batch:
+                yield event
+
+    async def batches(self):
+        """The same pairs, grouped as they arrived: each group is everything queued when the handler woke."""
         pending = len(self.requests)
         while pending:
-            req, delta = await self.queue.get()
-            if delta is None:
-                pending -= 1
-            yield req, delta
+            batch = [await self.queue.get()]
+            while not self.queue.empty():
+                batch.append(self.queue.get_nowait())
+            pending -= sum(delta is None for _, delta in batch)
+            yield batch
 
     def usage(self) -> dict:
         completion = sum(len(r.token_ids) for r in self.requests)
@@ -281,27 +324,29 @@ def create_app(service: Service):
                              "choices": choices, "usage": run.usage()})
 
     async def _stream(run: _Run, rid: str, obj: str, created: int, chat: bool, include_usage: bool):
+        # the fields every chunk repeats are serialized once; a chunk serializes only its choices (and usage)
+        head = "data: " + json.dumps({"id": rid, "object": obj, "created": created, "model": service.model_id})[:-1]
+
         def chunk(choices, usage=None):
-            data = {"id": rid, "object": obj, "created": created, "model": service.model_id, "choices": choices}
-            if include_usage:
-                data["usage"] = usage
-            return f"data: {json.dumps(data)}\n\n"
+            tail = f', "usage": {json.dumps(usage)}' if include_usage else ""
+            return f'{head}, "choices": {json.dumps(choices)}{tail}}}\n\n'
+
+        def event(req, delta):
+            if delta is not None:
+                payload = {"content": delta} if chat else None
+                return chunk([{"index": req.index, "finish_reason": None, "logprobs": None,
+                               **({"delta": payload} if chat else {"text": delta})}])
+            return chunk([{"index": req.index, "finish_reason": _finish(req), "logprobs": None,
+                           **({"delta": {}} if chat else {"text": ""})}])
 
         try:
             if chat:
                 yield chunk([{"index": r.index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
                              for r in run.requests])
-            async for req, delta in run.events():
-                if delta is not None:
-                    payload = {"content": delta} if chat else None
-                    yield chunk([{"index": req.index, "finish_reason": None, "logprobs": None,
-                                  **({"delta": payload} if chat else {"text": delta})}])
-                else:
-                    yield chunk([{"index": req.index, "finish_reason": _finish(req), "logprobs": None,
-                                  **({"delta": {}} if chat else {"text": ""})}])
-            if include_usage:
-                yield chunk([], run.usage())
-            yield "data: [DONE]\n\n"
+            # one write for the events that arrived together (still one server-sent event per token)
+            async for batch in run.batches():
+                yield "".join(event(req, delta) for req, delta in batch)
+            yield (chunk([], run.usage()) if include_usage else "") + "data: [DONE]\n\n"
         finally:
             run.cancel()  # a client that went away frees its rows
 
