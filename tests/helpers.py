@@ -49,6 +49,29 @@ def corpus_sources(root: Path) -> list:
     ]
 
 
+def small_tokenizer(root: Path, vocab_size: int) -> Path:
+    """A byte-level BPE trained on :func:`write_corpus`'s web documents, written under ``root / "tok"``."""
+    from lmlab.data.tokenizer import train_bpe
+
+    write_corpus(root / "corpus")
+    train_bpe(web_texts(root / "corpus"), vocab_size, root / "tok")
+    return root / "tok"
+
+
+def small_pretrain_dm(root: Path, **kw):
+    """The tests' small PretrainDataModule over :func:`write_corpus`'s corpus under ``root / "corpus"``
+    (a 320-token tokenizer trained into ``root / "tok"``, 8 windows of 32 tokens); ``kw`` overrides any argument."""
+    from lmlab.data import PretrainDataModule, TokenizerTrainConfig
+
+    args = dict(
+        sources=corpus_sources(root / "corpus"), tokenizer=str(root / "tok"),
+        tokenizer_train=TokenizerTrainConfig(vocab_size=320, sample_chars=200_000), seq_len=32, batch_size=8,
+        val_fraction=0.05, val_max_windows=8, cache_dir=str(root / "cache"), seed=7,
+    )
+    args.update(kw)
+    return PretrainDataModule(**args)
+
+
 def make_trainer(tmp_path, max_steps: int, callbacks=(), **kw) -> pl.Trainer:
     """A quiet single-CPU Trainer for tests: no logger, checkpoints, progress bar or validation unless asked."""
     args = dict(

@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from helpers import LossRecorder, corpus_sources, make_trainer, write_corpus
+from helpers import LossRecorder, corpus_sources, make_trainer, small_pretrain_dm, write_corpus
 from lmlab.data import PretrainDataModule, TokenizerTrainConfig
 from lmlab.errors import ConfigError
 from lmlab.models import TransformerConfig
@@ -121,21 +121,13 @@ def workdir(tmp_path_factory):
     teacher = PretrainModule(TransformerConfig(vocab_size=VOCAB, d_model=48, n_layers=2, n_heads=4, max_seq_len=64),
                              settings())
     trainer = make_trainer(root / "teacher", 25)
-    trainer.fit(teacher, datamodule=make_dm(root))
+    trainer.fit(teacher, datamodule=small_pretrain_dm(root))
     trainer.save_checkpoint(root / "teacher.ckpt")
     return root
 
 
 def settings() -> TrainingSettings:
     return TrainingSettings(optimizer=OptimizerConfig(lr=3e-3), schedule=ScheduleConfig(name="cosine", warmup_steps=3))
-
-
-def make_dm(root: Path, **kw) -> PretrainDataModule:
-    args = dict(sources=corpus_sources(root / "corpus"), tokenizer=str(root / "tok"),
-                tokenizer_train=TokenizerTrainConfig(vocab_size=VOCAB, sample_chars=200_000), seq_len=32, batch_size=8,
-                val_fraction=0.05, val_max_windows=8, cache_dir=str(root / "cache"), seed=7)
-    args.update(kw)
-    return PretrainDataModule(**args)
 
 
 STUDENT = TransformerConfig(vocab_size=VOCAB, d_model=32, n_layers=1, n_heads=4, max_seq_len=64)
@@ -151,7 +143,7 @@ def losses_of(workdir, tmp_path, steps: int, seed: int = 1, **kw) -> tuple[list[
     pl.seed_everything(seed)
     rec = LossRecorder()
     module = make_student(workdir, **kw)
-    make_trainer(tmp_path, steps, [rec]).fit(module, datamodule=make_dm(workdir))
+    make_trainer(tmp_path, steps, [rec]).fit(module, datamodule=small_pretrain_dm(workdir))
     return [rec.losses[s] for s in sorted(rec.losses)], module
 
 
@@ -159,7 +151,7 @@ def test_alpha_one_is_pretraining_step_for_step(workdir, tmp_path):
     distilled, _ = losses_of(workdir, tmp_path / "d", 6, alpha=1.0)
     pl.seed_everything(1)
     rec = LossRecorder()
-    make_trainer(tmp_path / "p", 6, [rec]).fit(PretrainModule(STUDENT, settings()), datamodule=make_dm(workdir))
+    make_trainer(tmp_path / "p", 6, [rec]).fit(PretrainModule(STUDENT, settings()), datamodule=small_pretrain_dm(workdir))
     assert distilled == [rec.losses[s] for s in range(6)]
 
 
@@ -173,7 +165,7 @@ def test_distillation_pulls_the_student_towards_the_teacher(workdir, tmp_path):
             divs.append(float(trainer.callback_metrics["train/divergence"]))
 
     trainer = make_trainer(tmp_path, 30, [Div()], log_every_n_steps=1)  # metrics are logged on logging steps
-    trainer.fit(module, datamodule=make_dm(workdir))
+    trainer.fit(module, datamodule=small_pretrain_dm(workdir))
     # alpha = 0: the loss is T^2 * KL(teacher || student) alone
     assert float(trainer.callback_metrics["train/loss"]) == pytest.approx(divs[-1], rel=1e-6)
     assert sum(divs[-5:]) / 5 < 0.5 * sum(divs[:5]) / 5, divs
@@ -202,7 +194,7 @@ def test_exact_resume_with_on_policy_sampling(workdir, tmp_path):
     pl.seed_everything(1)
     first = LossRecorder(stop_at=cut)
     t1 = make_trainer(tmp_path / "b", steps, [first])
-    t1.fit(make_student(workdir, **kw), datamodule=make_dm(workdir))
+    t1.fit(make_student(workdir, **kw), datamodule=small_pretrain_dm(workdir))
     ckpt = tmp_path / "cut.ckpt"
     t1.save_checkpoint(ckpt)
     saved = torch.load(ckpt, weights_only=True)
@@ -211,7 +203,7 @@ def test_exact_resume_with_on_policy_sampling(workdir, tmp_path):
 
     pl.seed_everything(999)
     second = LossRecorder()
-    make_trainer(tmp_path / "c", steps, [second]).fit(make_student(workdir, **kw), datamodule=make_dm(workdir), ckpt_path=str(ckpt))
+    make_trainer(tmp_path / "c", steps, [second]).fit(make_student(workdir, **kw), datamodule=small_pretrain_dm(workdir), ckpt_path=str(ckpt))
     assert [second.losses[s] for s in range(cut, steps)] == full[cut:]
 
 
@@ -232,7 +224,7 @@ def test_the_distilled_checkpoint_opens_and_chains_on(workdir, tmp_path):
     pl.seed_everything(3)
     module = make_student(workdir)
     trainer = make_trainer(tmp_path, 3)
-    trainer.fit(module, datamodule=make_dm(workdir))
+    trainer.fit(module, datamodule=small_pretrain_dm(workdir))
     trainer.save_checkpoint(tmp_path / "student.ckpt")
     ckpt = open_checkpoint(tmp_path / "student.ckpt")
     assert ckpt.stage == "distill" and ckpt.config.d_model == STUDENT.d_model and ckpt.has_tokenizer()
@@ -244,7 +236,7 @@ def test_the_distilled_checkpoint_opens_and_chains_on(workdir, tmp_path):
     again = DistillModule(None, settings(), init_from=str(tmp_path / "student.ckpt"), teacher=str(workdir / "teacher.ckpt"))
     for m in (chained, again):
         assert all(torch.equal(a, b) for a, b in zip(m.model.state_dict().values(), module.model.state_dict().values()))
-    make_trainer(tmp_path / "more", 2).fit(again, datamodule=make_dm(workdir))
+    make_trainer(tmp_path / "more", 2).fit(again, datamodule=small_pretrain_dm(workdir))
     assert again.global_step == 2
 
 
@@ -262,7 +254,7 @@ def test_a_teacher_with_another_vocabulary_is_a_one_line_error(workdir, tmp_path
     assert "has 320 tokens, the data's 300" in msg and "data.tokenizer" in msg
 
     # same size, different tokens: the vocabularies are compared, not their sizes
-    ours = make_dm(workdir)
+    ours = small_pretrain_dm(workdir)
     ours.prepare_data()
     vocab = dict(ours.tokenizer.get_vocab())
 

@@ -7,10 +7,9 @@ import json
 import pytest
 import torch
 
-from helpers import web_texts, write_corpus
+from helpers import small_tokenizer
 from lmlab.cli import main as lmlab_main
 from lmlab.data.posttrain.chat import CHAT_TEMPLATE
-from lmlab.data.tokenizer import train_bpe
 from lmlab.errors import ConfigError
 from lmlab.models import CausalLM, TransformerConfig, generate
 from lmlab.models.checkpoint import open_checkpoint
@@ -36,11 +35,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 @pytest.fixture(scope="module")
 def tokdir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("export")
-    write_corpus(root / "corpus")
-    texts = web_texts(root / "corpus")
-    train_bpe(texts, VOCAB, root / "tok")
-    return root / "tok"
+    return small_tokenizer(tmp_path_factory.mktemp("export"), VOCAB)
 
 
 def make_model(seed: int = 0, **kw) -> CausalLM:

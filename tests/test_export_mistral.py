@@ -7,9 +7,8 @@ import json
 import pytest
 import torch
 
-from helpers import web_texts, write_corpus
+from helpers import small_tokenizer
 from lmlab.cli import main as lmlab_main
-from lmlab.data.tokenizer import train_bpe
 from lmlab.errors import ConfigError
 from lmlab.models import TransformerConfig, generate
 from lmlab.models.hf import hf_architecture, load_hf_model
@@ -25,10 +24,7 @@ WINDOWS = {
 
 @pytest.fixture(scope="module")
 def tokdir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("export_mistral")
-    write_corpus(root / "corpus")
-    train_bpe(web_texts(root / "corpus"), VOCAB, root / "tok")
-    return root / "tok"
+    return small_tokenizer(tmp_path_factory.mktemp("export_mistral"), VOCAB)
 
 
 @pytest.mark.parametrize("name", list(WINDOWS))

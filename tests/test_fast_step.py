@@ -7,8 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import LossRecorder, corpus_sources, make_trainer, write_corpus
-from lmlab.data import PretrainDataModule, TokenizerTrainConfig
+from helpers import LossRecorder, make_trainer, small_pretrain_dm, write_corpus
 from lmlab.errors import ConfigError
 from lmlab.models import CausalLM, TransformerConfig
 from lmlab.models.losses import compiled_head_nll, head_nll, linear_cross_entropy
@@ -23,14 +22,6 @@ def workdir(tmp_path_factory):
     return root
 
 
-def make_dm(workdir):
-    return PretrainDataModule(
-        sources=corpus_sources(workdir / "corpus"), tokenizer=str(workdir / "tok"),
-        tokenizer_train=TokenizerTrainConfig(vocab_size=320, sample_chars=200_000), seq_len=32, batch_size=8,
-        val_fraction=0.05, val_max_windows=8, cache_dir=str(workdir / "cache"), seed=7,
-    )
-
-
 def make_module(**settings):
     cfg = TransformerConfig(vocab_size=320, d_model=32, n_layers=2, n_heads=4, max_seq_len=64)
     settings.setdefault("compile", False)
@@ -42,7 +33,7 @@ def run(workdir, tmp_path, steps, seed=1, stop_at=None, ckpt=None, **settings):
     pl.seed_everything(seed)
     rec = LossRecorder(stop_at=stop_at)
     trainer = make_trainer(tmp_path, steps, [rec])
-    trainer.fit(make_module(**settings), datamodule=make_dm(workdir), ckpt_path=ckpt)
+    trainer.fit(make_module(**settings), datamodule=small_pretrain_dm(workdir), ckpt_path=ckpt)
     return rec.losses, trainer
 
 
@@ -127,7 +118,7 @@ def test_bf16_mixed_pretraining_with_compiled_blocks_follows_eager(workdir, tmp_
         pl.seed_everything(1)
         rec = LossRecorder()
         trainer = make_trainer(tmp_path / str(mode), 4, [rec], precision="bf16-mixed")
-        trainer.fit(make_module(compile=mode), datamodule=make_dm(workdir))
+        trainer.fit(make_module(compile=mode), datamodule=small_pretrain_dm(workdir))
         losses[mode] = rec.losses
     # compiled: the head loss and the bf16 attention backward; bf16 rounds both sides
     assert trainer.lightning_module.uses_compiled_head_loss()
@@ -226,7 +217,7 @@ def test_step_metrics_are_logged_on_logging_steps_only(workdir, tmp_path):
     pl.seed_everything(1)
     spy = Spy()
     trainer = make_trainer(tmp_path, 7, [spy], log_every_n_steps=3)
-    trainer.fit(module, datamodule=make_dm(workdir))
+    trainer.fit(module, datamodule=small_pretrain_dm(workdir))
     # steps 3 and 6 (log_every_n_steps) and the last one; the loss still comes back every step
     assert logged == [False, False, True, False, False, True, True]
     assert sorted(spy.losses) == list(range(7))
@@ -257,7 +248,7 @@ def test_without_clipping_the_grad_norm_is_measured_on_logging_steps_only(workdi
     pl.seed_everything(1)
     spy = Spy()
     trainer = make_trainer(tmp_path, 7, [spy], log_every_n_steps=3)
-    trainer.fit(make_module(gradient_clip_val=clip), datamodule=make_dm(workdir))
+    trainer.fit(make_module(gradient_clip_val=clip), datamodule=small_pretrain_dm(workdir))
     # clipping needs the norm every step; without it only the logged steps (3, 6 and the last) measure it
     assert [step for step, _, _ in measured] == ([3, 6, 7] if clip == 0.0 else list(range(1, 8)))
     for step, norm, direct in measured:

@@ -215,14 +215,10 @@ def test_export_to_transformers_matches_logits_and_greedy_generation(name, tokdi
 
 @pytest.fixture(scope="module")
 def tokdir(tmp_path_factory):
-    from helpers import web_texts, write_corpus
-    from lmlab.data.tokenizer import train_bpe
+    from helpers import small_tokenizer
     from test_export_hf import VOCAB
 
-    root = tmp_path_factory.mktemp("moe_export")
-    write_corpus(root / "corpus")
-    train_bpe(web_texts(root / "corpus"), VOCAB, root / "tok")
-    return root / "tok"
+    return small_tokenizer(tmp_path_factory.mktemp("moe_export"), VOCAB)
 
 
 @pytest.mark.parametrize("kw,why", [(dict(moe_dense_layers=1), "dense blocks between expert blocks"),

@@ -8,8 +8,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from helpers import LossRecorder, corpus_sources, make_trainer, write_corpus
-from lmlab.data import PretrainDataModule, TokenizerTrainConfig
+from helpers import LossRecorder, make_trainer, small_pretrain_dm, write_corpus
 from lmlab.errors import ConfigError
 from lmlab.models import CausalLM, TransformerConfig
 from lmlab.models.checkpoint import open_checkpoint
@@ -21,22 +20,6 @@ def workdir(tmp_path_factory):
     root = tmp_path_factory.mktemp("pretrain")
     write_corpus(root / "corpus")
     return root
-
-
-def make_dm(workdir, **kw):
-    args = dict(
-        sources=corpus_sources(workdir / "corpus"),
-        tokenizer=str(workdir / "tok"),
-        tokenizer_train=TokenizerTrainConfig(vocab_size=320, sample_chars=200_000),
-        seq_len=32,
-        batch_size=8,
-        val_fraction=0.05,
-        val_max_windows=8,
-        cache_dir=str(workdir / "cache"),
-        seed=7,
-    )
-    args.update(kw)
-    return PretrainDataModule(**args)
 
 
 def make_module(**kw):
@@ -54,7 +37,7 @@ def test_loss_falls_and_validation_reports_per_source(workdir, tmp_path):
     rec = LossRecorder()
     module = make_module()
     trainer = make_trainer(tmp_path, 60, [rec], limit_val_batches=None, val_check_interval=30, check_val_every_n_epoch=None)
-    trainer.fit(module, datamodule=make_dm(workdir))
+    trainer.fit(module, datamodule=small_pretrain_dm(workdir))
     losses = [rec.losses[s] for s in sorted(rec.losses)]
     assert len(losses) == 60
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
@@ -72,12 +55,12 @@ def test_resume_reproduces_the_uninterrupted_loss_curve(workdir, tmp_path):
     steps, cut = 10, 4
     pl.seed_everything(1)
     full = LossRecorder()
-    make_trainer(tmp_path / "a", steps, [full]).fit(make_module(), datamodule=make_dm(workdir))
+    make_trainer(tmp_path / "a", steps, [full]).fit(make_module(), datamodule=small_pretrain_dm(workdir))
 
     pl.seed_everything(1)
     first = LossRecorder(stop_at=cut)
     t1 = make_trainer(tmp_path / "b", steps, [first])
-    t1.fit(make_module(), datamodule=make_dm(workdir))
+    t1.fit(make_module(), datamodule=small_pretrain_dm(workdir))
     ckpt = tmp_path / "cut.ckpt"
     t1.save_checkpoint(ckpt)
     assert sorted(first.losses) == list(range(cut))
@@ -87,7 +70,7 @@ def test_resume_reproduces_the_uninterrupted_loss_curve(workdir, tmp_path):
 
     pl.seed_everything(999)  # a different seed must not matter: state comes from the checkpoint
     second = LossRecorder()
-    make_trainer(tmp_path / "c", steps, [second]).fit(make_module(), datamodule=make_dm(workdir), ckpt_path=str(ckpt))
+    make_trainer(tmp_path / "c", steps, [second]).fit(make_module(), datamodule=small_pretrain_dm(workdir), ckpt_path=str(ckpt))
     assert sorted(second.losses) == list(range(cut, steps))
     for s in range(cut, steps):
         assert abs(second.losses[s] - full.losses[s]) <= 1e-6, (s, second.losses[s], full.losses[s])
@@ -97,7 +80,7 @@ def test_checkpoint_weights_reload_into_a_fresh_model(workdir, tmp_path):
     pl.seed_everything(2)
     module = make_module()
     trainer = make_trainer(tmp_path, 3)
-    trainer.fit(module, datamodule=make_dm(workdir))
+    trainer.fit(module, datamodule=small_pretrain_dm(workdir))
     ckpt = tmp_path / "m.ckpt"
     trainer.save_checkpoint(ckpt)
     source = open_checkpoint(ckpt)
@@ -116,7 +99,7 @@ def test_batch_ramp_grows_accumulation_and_counts_tokens(workdir, tmp_path):
     pl.seed_everything(3)
     rec = LossRecorder()
     module = make_module()
-    dm = make_dm(workdir, batch_size=4, micro_batch_size=4, batch_ramp_interval=2, batch_ramp_cap=16)
+    dm = small_pretrain_dm(workdir, batch_size=4, micro_batch_size=4, batch_ramp_interval=2, batch_ramp_cap=16)
     sizes = []
 
     class Sizes(pl.Callback):
@@ -135,17 +118,17 @@ def test_batch_ramp_grows_accumulation_and_counts_tokens(workdir, tmp_path):
 def test_vocab_and_length_mismatches_fail_before_training(workdir, tmp_path):
     small_vocab = PretrainModule(TransformerConfig(vocab_size=100, d_model=32, n_layers=1, n_heads=4, max_seq_len=64))
     with pytest.raises(ConfigError, match="vocab_size"):
-        make_trainer(tmp_path, 1).fit(small_vocab, datamodule=make_dm(workdir))
+        make_trainer(tmp_path, 1).fit(small_vocab, datamodule=small_pretrain_dm(workdir))
     short = PretrainModule(TransformerConfig(vocab_size=320, d_model=32, n_layers=1, n_heads=4, max_seq_len=16))
     with pytest.raises(ConfigError, match="seq_len"):
-        make_trainer(tmp_path, 1).fit(short, datamodule=make_dm(workdir))
+        make_trainer(tmp_path, 1).fit(short, datamodule=small_pretrain_dm(workdir))
 
 
 def test_document_masking_trains(workdir, tmp_path):
     pl.seed_everything(4)
     rec = LossRecorder()
     module = make_module(config={"cross_document_attention": False})
-    make_trainer(tmp_path, 20, [rec]).fit(module, datamodule=make_dm(workdir))
+    make_trainer(tmp_path, 20, [rec]).fit(module, datamodule=small_pretrain_dm(workdir))
     losses = [rec.losses[s] for s in sorted(rec.losses)]
     assert losses[-1] < losses[0]
 
@@ -153,7 +136,7 @@ def test_document_masking_trains(workdir, tmp_path):
 def test_validate_test_and_predict_verbs_use_the_validation_windows(workdir, tmp_path):
     pl.seed_everything(5)
     module = make_module()
-    dm = make_dm(workdir)
+    dm = small_pretrain_dm(workdir)
     trainer = make_trainer(tmp_path, 2, limit_val_batches=None)
     trainer.fit(module, datamodule=dm)
     val = trainer.validate(module, datamodule=dm, verbose=False)[0]
@@ -211,7 +194,7 @@ def test_a_nan_stop_leaves_every_checkpoint_loadable_and_resumable(workdir, tmp_
     poison = _PoisonWeights(at_step=5 if when == "start" else 4, when=when)
     trainer = make_trainer(tmp_path / "run", 10, [rec, poison, saver], enable_checkpointing=True)
     with pytest.raises(FloatingPointError) as e:
-        trainer.fit(make_module(), datamodule=make_dm(workdir))
+        trainer.fit(make_module(), datamodule=small_pretrain_dm(workdir))
     assert str(e.value) == message
     assert sorted(rec.losses) == [0, 1, 2, 3, 4][: 5 if when == "start" else 4]
     files = sorted(p.name for p in ckpts.glob("*.ckpt"))
@@ -227,7 +210,7 @@ def test_a_nan_stop_leaves_every_checkpoint_loadable_and_resumable(workdir, tmp_
     assert last_step == (4 if when == "start" else 2)
     pl.seed_everything(3)
     after = LossRecorder()
-    make_trainer(tmp_path / "resumed", 10, [after]).fit(make_module(), datamodule=make_dm(workdir), ckpt_path=str(ckpts / "last.ckpt"))
+    make_trainer(tmp_path / "resumed", 10, [after]).fit(make_module(), datamodule=small_pretrain_dm(workdir), ckpt_path=str(ckpts / "last.ckpt"))
     assert sorted(after.losses) == list(range(last_step, 10))
     assert all(math.isfinite(v) for v in after.losses.values())
     assert after.losses[last_step] == pytest.approx(rec.losses[last_step], abs=1e-6)  # same state, same step

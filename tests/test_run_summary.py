@@ -9,8 +9,7 @@ import lightning.pytorch as pl
 import pandas as pd
 import pytest
 
-from helpers import corpus_sources, write_corpus
-from lmlab.data import PretrainDataModule, TokenizerTrainConfig
+from helpers import small_pretrain_dm, write_corpus
 from lmlab.loggers import WandbLogger
 from lmlab.models import TransformerConfig
 from lmlab.models.counting import count_params, training_flops
@@ -28,17 +27,7 @@ def workdir(tmp_path_factory):
 
 
 def make_dm(workdir):
-    return PretrainDataModule(
-        sources=corpus_sources(workdir / "corpus"),
-        tokenizer=str(workdir / "tok"),
-        tokenizer_train=TokenizerTrainConfig(vocab_size=320, sample_chars=200_000),
-        seq_len=32,
-        batch_size=8,
-        val_fraction=0.05,
-        val_max_windows=6,
-        cache_dir=str(workdir / "cache"),
-        seed=7,
-    )
+    return small_pretrain_dm(workdir, val_max_windows=6)
 
 
 def make_module():
