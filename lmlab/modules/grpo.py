@@ -153,7 +153,7 @@ class GRPOModule(PolicyRollouts, PostTrainModuleBase):
         self.grpo_cfg = grpo or GRPOConfig()
         self.val_temperature = val_temperature
         self.seed = seed
-        self._validate_settings()
+        self._validate_settings(reward_model, reward_fn)
         super().__init__(config, settings, init_from)
         if not init_from:
             log.warning("grpo: no model.init_from given; GRPO starts from a randomly initialised policy")
@@ -168,8 +168,8 @@ class GRPOModule(PolicyRollouts, PostTrainModuleBase):
             log.info("grpo: dropout %.2f is disabled: every network runs in eval mode", self.config.dropout)
 
     # -- settings -----------------------------------------------------------------------------
-    def _validate_settings(self) -> None:
-        r, g = self.rollout_cfg, self.grpo_cfg
+    def _validate_settings(self, reward_model: Optional[str], reward_fn: Any) -> None:
+        g = self.grpo_cfg
         if g.num_generations < 2:
             raise ConfigError("model.grpo.num_generations", f"a group needs at least 2 completions per prompt, got {g.num_generations}",
                               "set num_generations >= 2 (advantages compare completions within a group)")
@@ -185,14 +185,7 @@ class GRPOModule(PolicyRollouts, PostTrainModuleBase):
             value = getattr(g, name)
             if value is not None and value < 1:
                 raise ConfigError(f"model.grpo.{name}", f"must be >= 1, got {value}")
-        if r.temperature <= 0:
-            raise ConfigError("model.rollout.temperature", f"must be > 0 for GRPO sampling, got {r.temperature}", "use e.g. 1.0")
-        if r.max_new_tokens < 1:
-            raise ConfigError("model.rollout.max_new_tokens", f"must be >= 1, got {r.max_new_tokens}")
-        if not 0 < r.top_p <= 1 or r.top_k < 0:
-            raise ConfigError("model.rollout.top_p", f"need 0 < top_p <= 1 and top_k >= 0, got {r.top_p}, {r.top_k}")
-        if self.val_temperature < 0:
-            raise ConfigError("model.val_temperature", f"must be >= 0, got {self.val_temperature}")
+        self.check_rollout_settings(reward_model, reward_fn)
 
     def build_model(self) -> CausalLM:
         return CausalLM(self.config)

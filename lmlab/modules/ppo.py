@@ -336,18 +336,10 @@ class PPOModule(PolicyRollouts, PostTrainModuleBase):
 
     # -- settings -----------------------------------------------------------------------------
     def _validate_settings(self, reward_model, reward_fn, value_init) -> None:
-        if bool(reward_model) == bool(reward_fn):
-            raise ConfigError("model.reward_model", "give exactly one of model.reward_model and model.reward_fn",
-                              "name a reward-model checkpoint or a dotted path like lmlab.data.posttrain.verifiable.reward")
+        self.check_rollout_settings(reward_model, reward_fn)
         if value_init == "reward" and not reward_model:
             raise ConfigError("model.value_init", "'reward' needs model.reward_model", "use value_init: policy with a reward function")
-        r, p, k = self.rollout_cfg, self.ppo_cfg, self.kl_cfg
-        if r.temperature <= 0:
-            raise ConfigError("model.rollout.temperature", f"must be > 0 for PPO sampling, got {r.temperature}", "use e.g. 1.0")
-        if r.max_new_tokens < 1:
-            raise ConfigError("model.rollout.max_new_tokens", f"must be >= 1, got {r.max_new_tokens}")
-        if not 0 < r.top_p <= 1 or r.top_k < 0:
-            raise ConfigError("model.rollout.top_p", f"need 0 < top_p <= 1 and top_k >= 0, got {r.top_p}, {r.top_k}")
+        p, k = self.ppo_cfg, self.kl_cfg
         if p.ppo_epochs < 1:
             raise ConfigError("model.ppo.ppo_epochs", f"must be >= 1, got {p.ppo_epochs}")
         if p.value_lr is not None and p.value_lr <= 0:
@@ -366,8 +358,6 @@ class PPOModule(PolicyRollouts, PostTrainModuleBase):
             raise ConfigError("model.score_clip", f"must be > 0, got {self.score_clip}")
         if self.score_norm not in ("none", "reference", "running"):
             raise ConfigError("model.score_norm", f"unknown value {self.score_norm!r}", "use none, reference or running")
-        if self.val_temperature < 0:
-            raise ConfigError("model.val_temperature", f"must be >= 0, got {self.val_temperature}")
 
     def build_model(self) -> CausalLM:
         return CausalLM(self.config)

@@ -77,12 +77,26 @@ class PolicyRollouts:
     rollout_networks: tuple[str, ...] = ("model", "ref_model", "reward_model")
     eval_modules_expected = True
 
-    def setup_rollouts(self, reward_model: Optional[str], reward_fn: Any, reward_fn_kwargs: Optional[dict],
-                       ref_model: Optional[str], need_reference: bool = True) -> Any:
-        """Open the reference policy and the reward; returns the reward checkpoint (or None)."""
+    def check_rollout_settings(self, reward_model: Optional[str], reward_fn: Any) -> None:
+        """``ConfigError`` for a missing or doubled reward and for sampling settings no rollout can use
+        (call before building the networks, so a mistake is reported before any checkpoint is read)."""
         if bool(reward_model) == bool(reward_fn):
             raise ConfigError("model.reward_model", "give exactly one of model.reward_model and model.reward_fn",
                               "name a reward-model checkpoint or a dotted path like lmlab.data.posttrain.verifiable.reward")
+        r = self.rollout_cfg
+        if r.temperature <= 0:
+            raise ConfigError("model.rollout.temperature",
+                              f"must be > 0 for {self.stage.upper()} sampling, got {r.temperature}", "use e.g. 1.0")
+        if r.max_new_tokens < 1:
+            raise ConfigError("model.rollout.max_new_tokens", f"must be >= 1, got {r.max_new_tokens}")
+        if not 0 < r.top_p <= 1 or r.top_k < 0:
+            raise ConfigError("model.rollout.top_p", f"need 0 < top_p <= 1 and top_k >= 0, got {r.top_p}, {r.top_k}")
+        if self.val_temperature < 0:
+            raise ConfigError("model.val_temperature", f"must be >= 0, got {self.val_temperature}")
+
+    def setup_rollouts(self, reward_model: Optional[str], reward_fn: Any, reward_fn_kwargs: Optional[dict],
+                       ref_model: Optional[str], need_reference: bool = True) -> Any:
+        """Open the reference policy and the reward; returns the reward checkpoint (or None)."""
         # reference policy: frozen, never updated
         self.ref_model = None
         if ref_model:
