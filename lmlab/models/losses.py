@@ -115,12 +115,17 @@ def linear_cross_entropy(
     return loss, nll.view(targets.shape)
 
 
+def token_nll(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Per-token fp32 NLL of (B, T, V) ``logits`` against (B, T) ``targets`` (0 where ``ignore_index``)."""
+    # cross_entropy runs in fp32 under autocast anyway; casting here keeps fp32 for bf16-true runs
+    nll = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none",
+                                            ignore_index=ignore_index)
+    return nll.view(targets.shape)
+
+
 def head_nll(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Per-token fp32 NLL of ``hidden @ weight.T`` against ``targets`` (the plain path: full logits)."""
-    logits = torch.nn.functional.linear(hidden, weight)
-    # cross_entropy runs in fp32 under autocast anyway; casting here keeps fp32 for bf16-true runs
-    nll = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
-    return nll.view(targets.shape)
+    return token_nll(torch.nn.functional.linear(hidden, weight), targets)
 
 
 _compiled_head_nll = None

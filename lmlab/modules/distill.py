@@ -15,6 +15,7 @@ from lmlab.errors import ConfigError
 from lmlab.models.checkpoint import open_checkpoint
 from lmlab.models.config import TransformerConfig
 from lmlab.models.generation import generate
+from lmlab.models.losses import token_nll
 from lmlab.models.transformer import documents_from_eos
 from lmlab.modules.base import LMModuleBase, StepResult, add_up
 from lmlab.modules.data_contract import PretrainData, SequenceData, StageData, provides, require
@@ -299,9 +300,8 @@ class DistillModule(PretrainModule):
     def micro_batch_loss(self, micro_batch: dict, normaliser: dict):
         inputs, targets, position_ids, doc_ids = self._inputs(micro_batch)
         logits = self.net(inputs, position_ids=position_ids, doc_ids=doc_ids)
-        # the same expression as pretraining's, so alpha = 1 is pretraining bit for bit
-        nll = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none",
-                              ignore_index=IGNORE_INDEX).view_as(targets)
+        # pretraining's loss, so alpha = 1 is pretraining bit for bit
+        nll = token_nll(logits, targets, ignore_index=IGNORE_INDEX)
         ce = nll.sum()
         valid = targets != IGNORE_INDEX
         out = {"nll": ce.detach(), "bytes": self._bytes(targets[valid]).float() if not self.sequence_data else torch.zeros(())}

@@ -6,14 +6,13 @@ import math
 from typing import Literal, Optional
 
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 
 from lmlab.distributed.hooks import data_parallel_rank_and_size
 from lmlab.models.config import TransformerConfig
 from lmlab.models.counting import count_params, flops_per_token, training_flops
 from lmlab.models.heads import CausalLM
-from lmlab.models.losses import compiled_head_nll, linear_cross_entropy
+from lmlab.models.losses import compiled_head_nll, linear_cross_entropy, token_nll
 from lmlab.models.transformer import documents_from_eos
 from lmlab.modules.base import LMModuleBase, StepResult, add_up
 from lmlab.modules.data_contract import PretrainData
@@ -142,9 +141,7 @@ class PretrainModule(LMModuleBase):
             hidden = self.model.backbone(inputs, doc_ids=doc_ids)
             nll = compiled_head_nll(hidden, self.model.lm_head.weight, targets)
             return nll, targets, nll.sum() / normaliser
-        logits = self.net(inputs, doc_ids=doc_ids)
-        # cross_entropy runs in fp32 under autocast anyway; casting here keeps fp32 for bf16-true runs
-        nll = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
+        nll = token_nll(self.net(inputs, doc_ids=doc_ids), targets)
         return nll, targets, nll.sum() / normaliser
 
     def _bytes(self, targets: torch.Tensor) -> torch.Tensor:
