@@ -7,7 +7,7 @@ from torch import nn
 
 from lmlab.models import CausalLM, TransformerConfig
 from lmlab.models.transformer import KVCache
-from lmlab.serving.packed import PackedLinear, can_pack, pack_linears
+from lmlab.serving.packed import PackedLinear, can_pack, pack_linears, shared_copy
 
 
 def _model(**kw) -> CausalLM:
@@ -24,7 +24,7 @@ def _model(**kw) -> CausalLM:
 @pytest.mark.parametrize("kw", [dict(tie_embeddings=True), dict(tie_embeddings=False, bias=True)], ids=["tied", "bias"])
 def test_packed_model_gives_the_same_logits_and_shares_weights(kw):
     model = _model(**kw)
-    packed = pack_linears(model, rows=5)  # the 5-row decode step multiplies packed, the others fall back
+    packed = pack_linears(shared_copy(model), rows=5)  # the 5-row decode step multiplies packed, the others fall back
     linears = [n for n, m in model.named_modules() if type(m) is nn.Linear]
     assert linears and all(isinstance(packed.get_submodule(n), PackedLinear) for n in linears)
     assert all(type(model.get_submodule(n)) is nn.Linear for n in linears)  # the given model is unchanged
@@ -63,7 +63,6 @@ def test_reduction_decode_attention_matches_sdpa_on_one_token_steps(kv_heads):
     """The compiled decode step's attention (multiply-and-sum) equals SDPA's up to float rounding on one-token
     cached steps with padding, and is SDPA itself for prefill (bit-identical)."""
     from lmlab.serving.decode_attention import ReductionDecodeAttention, use_reduction_decode_attention
-    from lmlab.serving.packed import shared_copy
 
     model = _model(tie_embeddings=True, n_kv_heads=kv_heads)
     reduced = use_reduction_decode_attention(shared_copy(model))

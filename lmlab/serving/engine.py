@@ -194,9 +194,10 @@ class Engine:
         elif self.compiled:
             # packed for full decode steps (max_batch rows); other row counts (prefill, fewer rows) multiply
             # unpacked, as eager does
-            self._run_model = pack_linears(self.model, max_batch) if pack else shared_copy(self.model)
-            if self._run_model is self.model:
-                self._run_model = shared_copy(self.model)
+            # the step's own module tree (every parameter shared): packing and the attention swap change only it
+            self._run_model = shared_copy(self.model)
+            if pack:
+                pack_linears(self._run_model, max_batch)
             # only the one-token cached step changes; prefill (several tokens) stays the plain attention
             use_reduction_decode_attention(self._run_model)
             self._decode_model = _frozen(torch.compile(self._run_model, dynamic=True))

@@ -3,8 +3,7 @@
 At serving batch sizes (a few to a few dozen rows) a float32 ``F.linear``
 spends about as long packing its weight into MKL's blocked layout as
 multiplying with it, and it repacks on every call. :func:`pack_linears`
-returns a copy of a model whose ``nn.Linear`` layers hold that layout from
-the start (``torch.ops.mkl._mkl_linear``, the kernel inductor's CPU freezing
+gives a model's ``nn.Linear`` layers that layout from the start (``torch.ops.mkl._mkl_linear``, the kernel inductor's CPU freezing
 uses). A packed weight serves products of exactly the row count it was packed
 for (the engine packs for its batch, the row count of every full decode
 step); other row counts take the ordinary GEMM, bit-identical to
@@ -12,8 +11,9 @@ step); other row counts take the ordinary GEMM, bit-identical to
 bits only where MKL picks the same kernel for both (at 16 and more rows in
 our measurements, not for a few rows), so the serving engine packs only its
 compiled decode step, whose logits already differ from eager ones in the last
-bits. The copy shares every parameter with the original, and the packed
-weights are a snapshot: pack again after changing the weights.
+bits. It changes the model in place; the engine packs a :func:`shared_copy`
+(every parameter shared with the original), and the packed weights are a
+snapshot: pack again after changing the weights.
 """
 
 from __future__ import annotations
@@ -56,17 +56,16 @@ class PackedLinear(nn.Module):
 
 
 def pack_linears(model: nn.Module, rows: int) -> nn.Module:
-    """A copy of ``model`` sharing its parameters, with every float32 ``nn.Linear`` a :class:`PackedLinear`
-    packed for products of ``rows`` rows (``model`` itself is unchanged); ``model`` when :func:`can_pack`
-    is False."""
+    """Turn every float32 ``nn.Linear`` of ``model`` into a :class:`PackedLinear` packed for products of
+    ``rows`` rows, in place (pass a :func:`shared_copy` to keep the original); nothing changes when
+    :func:`can_pack` is False. Returns ``model``."""
     if not can_pack(model):
         return model
-    packed = shared_copy(model)
-    for module in list(packed.modules()):
+    for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if type(child) is nn.Linear and child.weight.dtype == torch.float32:
                 setattr(module, name, PackedLinear(child, rows))
-    return packed
+    return model
 
 
 def shared_copy(model: nn.Module) -> nn.Module:

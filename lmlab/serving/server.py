@@ -222,14 +222,9 @@ class _Run:
             if not r.done:
                 r.cancel()
 
-    async def events(self):
-        """``(request, delta)`` pairs until every sequence has finished."""
-        async for batch in self.batches():
-            for event in batch:
-                yield event
-
     async def batches(self):
-        """The same pairs, grouped as they arrived: each group is everything queued when the handler woke."""
+        """``(request, delta)`` pairs until every sequence has finished, grouped as they arrived: each group is
+        everything queued when the handler woke."""
         pending = len(self.requests)
         while pending:
             batch = [await self.queue.get()]
@@ -310,7 +305,7 @@ def create_app(service: Service):
             return StreamingResponse(_stream(run, rid, obj + (".chunk" if chat else ""), created, chat, include_usage),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         try:
-            async for _ in run.events():
+            async for _ in run.batches():  # the whole texts are read from run.requests below
                 pass
         finally:
             run.cancel()
