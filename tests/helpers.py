@@ -132,6 +132,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _gloo_rank(rank: int, world: int, port: int, out_dir: str, body) -> None:
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    results = body(rank, world, out_dir)
+    with open(Path(out_dir) / f"rank{rank}.json", "w") as f:
+        json.dump(results, f)
+    dist.destroy_process_group()
+
+
+def gloo_ranks(body, out_dir: Path, world: int = 2) -> list[dict]:
+    """Run ``body(rank, world, out_dir) -> dict`` (a module-level function) in ``world`` spawned CPU processes
+    joined in one gloo group, one thread each (``out_dir``: a folder they share); returns the dicts by rank."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_gloo_rank, args=(world, free_port(), str(out_dir), body), nprocs=world, join=True)
+    return [json.loads((Path(out_dir) / f"rank{r}.json").read_text()) for r in range(world)]
+
+
 def digit_reward(prompt: str, response: str) -> float:
     """Share of digits in the reply: a dense reward a random policy gets some of (PPO and GRPO tests)."""
     from lmlab.data.posttrain.chat import END

@@ -7,13 +7,10 @@ over the ranks) and the final weights are compared.
 
 from __future__ import annotations
 
-import json
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import free_port
+from helpers import gloo_ranks
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +32,7 @@ def _full(t):
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+def _worker(rank: int, world: int, out_dir: str) -> dict:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -43,9 +40,6 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     from lmlab.distributed.parallelize import parallelize
     from lmlab.models import CausalLM, TransformerConfig
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
     dp_mesh = init_device_mesh("cpu", (2, 1), mesh_dim_names=("data_parallel", "tensor_parallel"))
     tp_mesh = init_device_mesh("cpu", (1, 2), mesh_dim_names=("data_parallel", "tensor_parallel"))
     results: dict = {}
@@ -84,18 +78,12 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
             ref_state = ref.state_dict()
             weights = max(float((_full(v) - ref_state[k]).abs().max()) for k, v in model.state_dict().items())
             results[f"{layout}/{name}"] = {"losses": losses, "ref_losses": ref_losses, "weights": weights}
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump(results, f)
-    dist.destroy_process_group()
+    return results
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    import torch.multiprocessing as mp
-
-    out = tmp_path_factory.mktemp("attention_parallel")
-    mp.spawn(_worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    return gloo_ranks(_worker, tmp_path_factory.mktemp("attention_parallel"))
 
 
 @pytest.mark.parametrize("layout", ["ddp", "fsdp2"])

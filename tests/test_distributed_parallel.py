@@ -6,7 +6,6 @@ and writes what it measured; the tests below assert on those numbers.
 
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
@@ -14,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from lmlab.models import TransformerConfig
-from helpers import free_port
+from helpers import gloo_ranks
 
 CONFIGS = {
     "mha_swiglu_rope": dict(vocab_size=96, d_model=32, n_layers=2, n_heads=4, max_seq_len=16),
@@ -50,7 +49,7 @@ def _max_diff(a: dict, b: dict) -> float:
     return max(float((_full(a[k]).float() - b[k].float()).abs().max()) for k in b)
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+def _worker(rank: int, world: int, out_dir: str) -> dict:
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
@@ -60,9 +59,6 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     from lmlab.distributed.parallelize import parallelize
     from lmlab.models import CausalLM, TransformerConfig
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
     results: dict = {}
     tp_mesh = init_device_mesh("cpu", (1, 2), mesh_dim_names=("data_parallel", "tensor_parallel"))
     dp_mesh = init_device_mesh("cpu", (2, 1), mesh_dim_names=("data_parallel", "tensor_parallel"))
@@ -177,18 +173,12 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
                            "grads": max(diffs) if diffs else None,
                            "loss": [float(sum(losses) / len(losses)) if losses else None, float(ref_loss)]}
 
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump(results, f)
-    dist.destroy_process_group()
+    return results
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    import torch.multiprocessing as mp
-
-    out = tmp_path_factory.mktemp("parallel")
-    mp.spawn(_worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    return gloo_ranks(_worker, tmp_path_factory.mktemp("parallel"))
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
