@@ -238,7 +238,6 @@ def lightning_vs_raw(args, device, setup: str) -> None:
     loader = torch.utils.data.DataLoader(batches, batch_size=None)
     cb = Alternate()
     with tempfile.TemporaryDirectory() as tmp:
-        extra = {}
         callbacks = [cb]
         if setup == "lmlab-fit":
             callbacks += [step_progress_bar(), ModelCheckpoint(every_n_train_steps=10 * n), RunSummary(validate_at_end=False)]
