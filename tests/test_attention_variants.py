@@ -251,9 +251,9 @@ def test_planned_memory_grows_linearly_for_the_variants_and_quadratically_never(
 # -- training through Lightning: exact resume, SFT ---------------------------------------------------------
 @pytest.mark.parametrize("kw", [SLIDING, LINEAR])
 def test_resume_reproduces_the_uninterrupted_losses(kw, tmp_path):
-    from test_pretrain import make_dm, make_module
+    from test_pretrain import make_module
 
-    from helpers import write_corpus
+    from helpers import small_pretrain_dm, write_corpus
 
     workdir = tmp_path / "w"
     write_corpus(workdir / "corpus")
@@ -261,16 +261,16 @@ def test_resume_reproduces_the_uninterrupted_losses(kw, tmp_path):
     steps, cut = 6, 3
     pl.seed_everything(1)
     full = LossRecorder()
-    make_trainer(tmp_path / "a", steps, [full]).fit(make_module(config=cfg), datamodule=make_dm(workdir))
+    make_trainer(tmp_path / "a", steps, [full]).fit(make_module(config=cfg), datamodule=small_pretrain_dm(workdir))
     pl.seed_everything(1)
     first = LossRecorder(stop_at=cut)
     t1 = make_trainer(tmp_path / "b", steps, [first])
-    t1.fit(make_module(config=cfg), datamodule=make_dm(workdir))
+    t1.fit(make_module(config=cfg), datamodule=small_pretrain_dm(workdir))
     ckpt = tmp_path / "cut.ckpt"
     t1.save_checkpoint(ckpt)
     pl.seed_everything(999)
     second = LossRecorder()
-    make_trainer(tmp_path / "c", steps, [second]).fit(make_module(config=cfg), datamodule=make_dm(workdir),
+    make_trainer(tmp_path / "c", steps, [second]).fit(make_module(config=cfg), datamodule=small_pretrain_dm(workdir),
                                                      ckpt_path=str(ckpt))
     assert sorted(second.losses) == list(range(cut, steps))
     for s in range(cut, steps):
